@@ -1,0 +1,29 @@
+"""mmfuse: text plus any number of named embedding modalities into any Hugging Face causal LM.
+
+Importing mmfuse loads no model, starts no engine and touches no device.
+"""
+from .checkpoint import init_checkpoint
+from .config import ConfigError, MMFuseConfig, ModalitySpec
+from .inputs import InputError
+from .sampling import Completion, SamplingConfig
+
+__version__ = "0.1.0"
+__all__ = ["init_checkpoint", "load", "ConfigError", "InputError", "MMFuseConfig", "ModalitySpec",
+           "SamplingConfig", "Completion", "MultimodalPipeline", "MultimodalQwen3Pipeline"]
+
+
+def load(path_or_id, device="cpu", dtype=None):
+    """Open a checkpoint with transformers: an ``MMFuseModel`` (LM + projectors + tokenizer)."""
+    import torch
+    from .hf_backend import load as _load
+    return _load(path_or_id, device=device, dtype=dtype or torch.float32)
+
+
+def __getattr__(name):  # pipelines import torch/transformers; keep `import mmfuse` light
+    if name == "MultimodalPipeline":
+        from .pipeline import MultimodalPipeline
+        return MultimodalPipeline
+    if name == "MultimodalQwen3Pipeline":
+        from .compat import MultimodalQwen3Pipeline
+        return MultimodalQwen3Pipeline
+    raise AttributeError(name)

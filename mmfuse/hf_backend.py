@@ -1,0 +1,195 @@
+"""The transformers backend: the reference forward and batched generation.
+
+Data path: token ids with one placeholder id per soft row -> the LM's input
+embeddings -> projected rows scattered over the placeholder positions (one
+``masked_scatter`` per modality) -> ``inputs_embeds`` into the unchanged LM.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import load_projector_state, read_config, resolve, save_projectors, write_config
+from .config import ConfigError, MMFuseConfig, wrapper_architecture
+from .inputs import InputError, Item, PreparedPrompt, expand_token_ids
+from .projectors import build_projectors
+from .sampling import Completion, SamplingConfig, truncate_at_stop
+
+
+def merge_rows(embeds: torch.Tensor, input_ids: torch.Tensor, rows: Mapping[str, torch.Tensor],
+               placeholder_ids: Mapping[str, int]) -> torch.Tensor:
+    """Put each modality's rows, in order, at its placeholder positions.
+
+    embeds: [B, S, H]; input_ids: [B, S]; rows[name]: [R_name, H] in batch-major prompt order.
+    """
+    for name, r in rows.items():
+        mask = input_ids == placeholder_ids[name]
+        n = int(mask.sum())
+        if n != r.shape[0]:
+            raise InputError(f"modality {name!r}: {n} placeholder positions but {r.shape[0]} projected rows")
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1), r.to(embeds.dtype))
+    return embeds
+
+
+class MMFuseModel(nn.Module):
+    """A causal LM plus one projector per modality; the weights of one checkpoint."""
+
+    def __init__(self, lm: nn.Module, tokenizer, mm_config: MMFuseConfig):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.mm_config = mm_config
+        self.specs = mm_config.modalities
+        self.mm_projectors = build_projectors(self.specs, lm.config.get_text_config().hidden_size)
+        self.placeholder_ids = {n: _single_token_id(tokenizer, s.placeholder, n) for n, s in self.specs.items()}
+        self.max_len = lm.config.get_text_config().max_position_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def project(self, items: Mapping[str, Sequence[Item]]) -> dict[str, torch.Tensor]:
+        """One projector call per modality over all its items: {name: [rows, H]}."""
+        out = {}
+        for name, its in items.items():
+            if its:
+                proj = self.mm_projectors[name]
+                x = torch.cat(list(its)).to(self.device, next(proj.parameters()).dtype)
+                out[name] = proj(x)
+        return out
+
+    def embed(self, input_ids: torch.Tensor, items: Mapping[str, Sequence[Item]]) -> torch.Tensor:
+        """inputs_embeds [B, S, H] with the projected rows in place of the placeholders."""
+        is_mm = torch.zeros_like(input_ids, dtype=torch.bool)
+        for pid in self.placeholder_ids.values():
+            is_mm |= input_ids == pid
+        # placeholder rows of the embedding matrix are never read (they may not exist)
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_mm, 0))
+        return merge_rows(embeds, input_ids, self.project(items), self.placeholder_ids)
+
+    def forward(self, input_ids: torch.Tensor, items: Mapping[str, Sequence[Item]],
+                attention_mask: torch.Tensor | None = None, **kwargs):
+        return self.lm(inputs_embeds=self.embed(input_ids, items), attention_mask=attention_mask, **kwargs)
+
+    def token_ids(self, prompt: PreparedPrompt) -> list[int]:
+        """Tokenize a prepared prompt and expand each placeholder to its soft-row count."""
+        ids = self.tokenizer(prompt.text)["input_ids"]
+        return expand_token_ids(ids, prompt, self.specs, self.placeholder_ids, self.max_len)
+
+    def save(self, out: str | os.PathLike, lm_weights: bool = True) -> None:
+        """Write a checkpoint directory. ``lm_weights=False`` updates an existing checkpoint at
+        ``out`` by rewriting only its projector file and config (the stage-1 case)."""
+        out = Path(out)
+        if lm_weights:
+            out.mkdir(parents=True, exist_ok=True)
+            self.lm.save_pretrained(out)
+            self.tokenizer.save_pretrained(out)
+            config = self.lm.config.to_dict()
+        elif (out / "config.json").exists():
+            config = read_config(out)
+        else:
+            raise ConfigError(f"{out}: no checkpoint to update; save with lm_weights=True")
+        config["architectures"] = [wrapper_architecture(type(self.lm).__name__)]
+        config["mmfuse"] = self.mm_config.to_dict()
+        write_config(out, config)
+        save_projectors(self.mm_projectors, out)
+
+
+def _single_token_id(tokenizer, placeholder: str, name: str) -> int:
+    ids = tokenizer.encode(placeholder, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ConfigError(f"modality {name!r}: placeholder {placeholder} is not a single special token in the "
+                          f"tokenizer (encodes to {ids}); was the checkpoint made with `mmfuse init`?")
+    return ids[0]
+
+
+def load(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
+         dtype: torch.dtype = torch.float32) -> MMFuseModel:
+    """Open an mmfuse checkpoint (local directory or hub id) with transformers and validate it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve(path_or_id)
+    hf_config = AutoConfig.from_pretrained(path)
+    mm_config = MMFuseConfig.from_hf_config(hf_config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the mm_projectors.* keys are "unexpected" to the bare LM by design
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, attn_implementation="eager")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model = MMFuseModel(lm, tokenizer, mm_config)
+    _load_projectors(model, path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _load_projectors(model: MMFuseModel, path) -> None:
+    state = load_projector_state(path)
+    expected = model.mm_projectors.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ConfigError(f"{path}: projector weights missing: {['mm_projectors.' + k for k in missing]}")
+    for key, t in expected.items():
+        if state[key].shape != t.shape:
+            raise ConfigError(f"{path}: mm_projectors.{key} has shape {tuple(state[key].shape)}, "
+                              f"the config implies {tuple(t.shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ConfigError(f"{path}: projector weights for no configured modality: {extra}")
+    model.mm_projectors.load_state_dict(state)
+
+
+@torch.inference_mode()
+def generate(model: MMFuseModel, prompts: Sequence[PreparedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
+    """Generate for a batch of prompts at once (left padding); ``n`` completions each."""
+    from transformers import GenerationConfig
+
+    tok = model.tokenizer
+    ids = [model.token_ids(p) for p in prompts]
+    width = max(map(len, ids))
+    pad = tok.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
+    attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
+    items = {name: [it for p in prompts for it in p.items.get(name, [])] for name in model.specs}
+    embeds = model.embed(input_ids, items)
+    gen = GenerationConfig(
+        max_new_tokens=sampling.max_tokens, do_sample=not sampling.greedy,
+        temperature=sampling.temperature if not sampling.greedy else None,
+        top_p=sampling.top_p if not sampling.greedy else None,
+        top_k=sampling.top_k if not sampling.greedy else None,
+        num_return_sequences=sampling.n, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+        stop_strings=sampling.stop or None, return_dict_in_generate=True, output_logits=sampling.logprobs)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    out = model.lm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=gen,
+                            tokenizer=tok if sampling.stop else None)
+    seqs = out.sequences  # [B * n, new]: with inputs_embeds only new tokens come back
+    logprobs = None
+    if sampling.logprobs:
+        steps = torch.stack(out.logits, 1).float().log_softmax(-1)  # [B * n, new, V]
+        logprobs = steps.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+    results: list[list[Completion]] = [[] for _ in prompts]
+    for row in range(seqs.shape[0]):
+        results[row // sampling.n].append(_completion(tok, seqs[row], logprobs[row] if logprobs is not None else None,
+                                                      sampling))
+    return results
+
+
+def _completion(tok, seq: torch.Tensor, logprobs: torch.Tensor | None, sampling: SamplingConfig) -> Completion:
+    toks = seq.tolist()
+    eos = {tok.eos_token_id, tok.pad_token_id}
+    end = next((i for i, t in enumerate(toks) if t in eos), None)
+    finish = "stop" if end is not None else "length"
+    toks = toks[: end + 1] if end is not None and toks[end] == tok.eos_token_id else toks[:end]
+    text, stopped = truncate_at_stop(tok.decode(toks, skip_special_tokens=True), sampling.stop)
+    if stopped:
+        finish = "stop"
+    lp = logprobs[: len(toks)].tolist() if logprobs is not None else None
+    return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=lp)

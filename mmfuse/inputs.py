@@ -1,0 +1,150 @@
+"""Input rules shared by every backend: item coercion, validation, placeholders.
+
+The data path starts here: ``text + {modality: [items]}`` becomes a
+``PreparedPrompt`` whose text holds exactly one placeholder per item, and whose
+items are float32 tensors shaped ``(n, input_dim)``. The transformers backend
+then expands each placeholder token to the item's row count itself; the vLLM
+plugin lets ``PromptReplacement`` do the same. Every user mistake raises
+``InputError`` naming the modality, the item index, what was expected and what
+came, before anything reaches a model.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import ModalitySpec
+
+Item = torch.Tensor  # float32 [n, input_dim], n >= 1
+
+
+class InputError(ValueError):
+    """A request's text or embeddings break the input rules; the message says which and how."""
+
+
+def _where(name: str, index: int | None) -> str:
+    return f"modality {name!r}" + ("" if index is None else f" item {index}")
+
+
+def coerce_item(spec: ModalitySpec, index: int, item: object) -> Item:
+    """Turn a tensor, numpy array or nested float list into a checked ``(n, input_dim)`` float32 tensor."""
+    where = _where(spec.name, index)
+    expected = f"shape ({spec.input_dim},) or (n, {spec.input_dim})"
+    if isinstance(item, torch.Tensor):
+        if item.is_complex() or item.dtype == torch.bool:
+            raise InputError(f"{where}: expected a real float tensor with {expected}, got dtype {item.dtype}")
+        t = item.detach().to(torch.float32)
+    else:
+        try:
+            arr = np.asarray(item, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{where}: expected numbers with {expected}, got {type(item).__name__} ({e})") from None
+        t = torch.from_numpy(arr)
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2:
+        raise InputError(f"{where}: expected rank 1 or 2 with {expected}, got rank {t.dim()} shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise InputError(f"{where}: empty item, expected {expected} with n >= 1, got shape {tuple(t.shape)}")
+    if t.shape[1] != spec.input_dim:
+        raise InputError(f"{where}: wrong last dimension, expected {spec.input_dim}, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise InputError(f"{where}: contains NaN or Inf values")
+    return t
+
+
+def is_single_item(value: object) -> bool:
+    """A tensor/array is one item; a list is one item only if its first element is a number."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return True
+    return isinstance(value, Sequence) and len(value) > 0 and isinstance(value[0], (int, float, np.number))
+
+
+def coerce_items(specs: Mapping[str, ModalitySpec], embeddings: Mapping[str, object] | None) -> dict[str, list[Item]]:
+    """Validate ``{modality: item or [items]}`` against the checkpoint's modalities."""
+    if embeddings is None:
+        return {}
+    if not isinstance(embeddings, Mapping):
+        raise InputError(f"multimodal_embeddings: expected a mapping of modality name to items, got {type(embeddings).__name__}")
+    out: dict[str, list[Item]] = {}
+    for name, value in embeddings.items():
+        if name not in specs:
+            raise InputError(f"{_where(str(name), 0)}: unknown modality, this checkpoint has {sorted(specs)}")
+        spec = specs[name]
+        if value is None:
+            value = []
+        values = [value] if is_single_item(value) else value
+        if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+            raise InputError(f"{_where(name, 0)}: expected an item or a list of items, got {type(value).__name__}")
+        if len(values) > spec.max_items:
+            raise InputError(f"{_where(name, spec.max_items)}: too many items, expected at most "
+                             f"{spec.max_items}, got {len(values)}")
+        out[name] = [coerce_item(spec, i, v) for i, v in enumerate(values)]
+    return out
+
+
+def rows_of(spec: ModalitySpec, item: Item) -> int:
+    """Soft tokens an item becomes: one block of ``tokens_per_item`` rows per vector."""
+    return item.shape[0] * spec.tokens_per_item
+
+
+@dataclass
+class PreparedPrompt:
+    """Text with one placeholder per item, and the validated items in placeholder order."""
+
+    text: str
+    items: dict[str, list[Item]]
+
+
+def place_items(text: str, items: dict[str, list[Item]], specs: Mapping[str, ModalitySpec]) -> str:
+    """Check placeholder counts; with no placeholder at all, put the items before the text."""
+    counts = {name: text.count(spec.placeholder) for name, spec in specs.items()}
+    if not any(counts.values()):
+        return "".join(specs[n].placeholder * len(v) for n, v in items.items()) + text
+    for name, spec in specs.items():
+        given, found = len(items.get(name, [])), counts[name]
+        if given > found:
+            raise InputError(f"{_where(name, found)}: no placeholder {spec.placeholder} for this item "
+                             f"(expected {given} placeholders for {given} items, the prompt has {found})")
+        if found > given:
+            raise InputError(f"{_where(name, given)}: placeholder {spec.placeholder} #{given} has no item "
+                             f"(expected {found} items for {found} placeholders, got {given})")
+    return text
+
+
+def prepare(text: str, embeddings: Mapping[str, object] | None, specs: Mapping[str, ModalitySpec]) -> PreparedPrompt:
+    """Validate one request: items first, then placeholder counts."""
+    if not isinstance(text, str):
+        raise InputError(f"text: expected a string, got {type(text).__name__}")
+    items = coerce_items(specs, embeddings)
+    return PreparedPrompt(text=place_items(text, items, specs), items=items)
+
+
+def expand_token_ids(ids: Sequence[int], prompt: PreparedPrompt, specs: Mapping[str, ModalitySpec],
+                     placeholder_ids: Mapping[str, int], max_len: int) -> list[int]:
+    """Repeat each placeholder id once per soft row of its item and check the model's length limit."""
+    by_id = {placeholder_ids[n]: n for n in specs}
+    seen = {n: 0 for n in specs}
+    out: list[int] = []
+    for tok in ids:
+        name = by_id.get(tok)
+        if name is None:
+            out.append(tok)
+            continue
+        i = seen[name]
+        if i >= len(prompt.items.get(name, [])):  # e.g. a chat template that adds placeholders of its own
+            raise InputError(f"{_where(name, i)}: placeholder token #{i} has no item after tokenization")
+        out.extend([tok] * rows_of(specs[name], prompt.items[name][i]))
+        seen[name] = i + 1
+    for name, got in seen.items():
+        if got != len(prompt.items.get(name, [])):
+            raise InputError(f"{_where(name, got)}: item has no placeholder token after tokenization "
+                             f"(is {specs[name].placeholder} a special token of the tokenizer?)")
+    if len(out) > max_len:
+        rows = {n: sum(rows_of(specs[n], t) for t in v) for n, v in prompt.items.items()}
+        raise InputError(f"prompt too long: {len(out)} tokens after expanding items into soft tokens "
+                         f"(rows by modality {rows}), the model takes at most {max_len}")
+    return out

@@ -1,0 +1,98 @@
+"""``MultimodalPipeline``: one call for text + embeddings -> text, on either backend."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .chat import render_messages
+from .inputs import InputError, PreparedPrompt, prepare
+from .sampling import Completion, SamplingConfig
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+def vllm_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
+class HFBackend:
+    """The transformers reference, behind the backend interface."""
+
+    name = "hf"
+
+    def __init__(self, model_path: str | os.PathLike, device: str | None = None, dtype: str = "float32"):
+        import torch
+        from .hf_backend import load
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load(model_path, device=device, dtype=getattr(torch, dtype))
+        self.tokenizer = self.model.tokenizer
+        self.specs = self.model.specs
+
+    def generate(self, prompts: Sequence[PreparedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
+        from .hf_backend import generate
+        return generate(self.model, prompts, sampling)
+
+
+def make_backend(model: str | os.PathLike, backend: str = "auto", **options: Any):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "hf"
+    if backend == "vllm":
+        from .vllm_plugin.engine import VLLMBackend
+        return VLLMBackend(model, **options)
+    return HFBackend(model, **options)
+
+
+class MultimodalPipeline:
+    """Text plus named embedding modalities in, text out.
+
+    >>> pipe = MultimodalPipeline("ckpt", backend="hf")
+    >>> pipe.generate({"text": "Describe <|m1|>.",
+    ...                "multimodal_data": {"multimodal_embeddings": {"m1": [vec]}}}, max_tokens=32)
+
+    ``backend``: ``"hf"`` (transformers), ``"vllm"``, or ``"auto"`` (vLLM when importable).
+    Backend options (``device``, ``dtype``; for vLLM also engine arguments such as
+    ``max_model_len``) are passed through to the backend.
+    """
+
+    def __init__(self, model: str | os.PathLike, backend: str = "auto", **options: Any):
+        self.backend = make_backend(model, backend, **options)
+        self.specs = self.backend.specs
+        self.tokenizer = self.backend.tokenizer
+
+    def prepare(self, request: Mapping) -> PreparedPrompt:
+        """Validate one request dict (``text`` or ``messages``, plus ``multimodal_data``)."""
+        if not isinstance(request, Mapping):
+            raise InputError(f"input: expected a dict with 'text' or 'messages', got {type(request).__name__}")
+        mm = request.get("multimodal_data") or {}
+        if not isinstance(mm, Mapping):
+            raise InputError("multimodal_data: expected a dict like {'multimodal_embeddings': {NAME: [items]}}")
+        embeddings = mm.get("multimodal_embeddings")
+        if "messages" in request:
+            text, embeddings = render_messages(request["messages"], self.tokenizer, self.specs, embeddings)
+        elif "text" in request:
+            text = request["text"]
+        else:
+            raise InputError("input: expected a 'text' or a 'messages' field")
+        return prepare(text, embeddings, self.specs)
+
+    def generate_completions(self, inputs: Mapping | Sequence[Mapping], sampling: SamplingConfig) -> list[list[Completion]]:
+        """Full records (text, token ids, finish reason, logprobs) for each input, ``n`` each."""
+        batch = [inputs] if isinstance(inputs, Mapping) else list(inputs)
+        return self.backend.generate([self.prepare(r) for r in batch], sampling)
+
+    def generate(self, inputs: Mapping | Sequence[Mapping], max_tokens: int | None = None, *,
+                 max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: str | list[str] | None = None, n: int = 1) -> Any:
+        """Generate text. One dict in -> a str (a list of n str when n > 1); a list in -> a list of those."""
+        if max_tokens is not None and max_new_tokens is not None and max_tokens != max_new_tokens:
+            raise ValueError("give max_tokens or max_new_tokens, not both")
+        limit = max_tokens if max_tokens is not None else max_new_tokens
+        sampling = SamplingConfig(max_tokens=limit or 64, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  seed=seed, stop=list([stop] if isinstance(stop, str) else stop or []), n=n)
+        results = self.generate_completions(inputs, sampling)
+        texts = [[c.text for c in cs] if n > 1 else cs[0].text for cs in results]
+        return texts[0] if isinstance(inputs, Mapping) else texts
