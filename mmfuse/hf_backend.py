@@ -47,6 +47,9 @@ class MMFuseModel(nn.Module):
         self.mm_projectors = build_projectors(self.specs, lm.config.get_text_config().hidden_size)
         self.placeholder_ids = {n: _single_token_id(tokenizer, s.placeholder, n) for n, s in self.specs.items()}
         self.max_len = lm.config.get_text_config().max_position_embeddings
+        # generation_config.json may list more EOS ids than the tokenizer (Qwen3: <|im_end|>, <|endoftext|>)
+        gen_eos = lm.generation_config.eos_token_id if lm.generation_config is not None else None
+        self.eos_token_ids = {tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
 
     @property
     def device(self) -> torch.device:
@@ -164,7 +167,8 @@ def generate(model: MMFuseModel, prompts: Sequence[PreparedPrompt], sampling: Sa
         temperature=sampling.temperature if not sampling.greedy else None,
         top_p=sampling.top_p if not sampling.greedy else None,
         top_k=sampling.top_k if not sampling.greedy else None,
-        num_return_sequences=sampling.n, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+        repetition_penalty=1.0,  # SamplingConfig is the whole truth: no defaults from generation_config.json
+        num_return_sequences=sampling.n, pad_token_id=pad, eos_token_id=sorted(model.eos_token_ids),
         stop_strings=sampling.stop or None, return_dict_in_generate=True, output_logits=sampling.logprobs)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
@@ -177,17 +181,18 @@ def generate(model: MMFuseModel, prompts: Sequence[PreparedPrompt], sampling: Sa
         logprobs = steps.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
     results: list[list[Completion]] = [[] for _ in prompts]
     for row in range(seqs.shape[0]):
-        results[row // sampling.n].append(_completion(tok, seqs[row], logprobs[row] if logprobs is not None else None,
-                                                      sampling))
+        lp = logprobs[row] if logprobs is not None else None
+        results[row // sampling.n].append(_completion(tok, model.eos_token_ids, seqs[row], lp, sampling))
     return results
 
 
-def _completion(tok, seq: torch.Tensor, logprobs: torch.Tensor | None, sampling: SamplingConfig) -> Completion:
+def _completion(tok, eos: set[int], seq: torch.Tensor, logprobs: torch.Tensor | None,
+                sampling: SamplingConfig) -> Completion:
+    """Token ids up to and including the first EOS (what follows is padding)."""
     toks = seq.tolist()
-    eos = {tok.eos_token_id, tok.pad_token_id}
     end = next((i for i, t in enumerate(toks) if t in eos), None)
     finish = "stop" if end is not None else "length"
-    toks = toks[: end + 1] if end is not None and toks[end] == tok.eos_token_id else toks[:end]
+    toks = toks if end is None else toks[: end + 1]
     text, stopped = truncate_at_stop(tok.decode(toks, skip_special_tokens=True), sampling.stop)
     if stopped:
         finish = "stop"
