@@ -1,0 +1,129 @@
+"""argparse glue for ``mmfuse train``, ``mmfuse data check`` and ``mmfuse eval``.
+
+Each ``add_*_args(parser)`` fills a subcommand's parser; each ``run_*(args)``
+builds the typed config, runs the library function and returns an exit code
+(0 ok, 1 bad data / failed check, 2 bad option or checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from .config import EvalConfig, TrainConfig, TrainConfigError
+
+
+class _Status:
+    code = 0
+
+
+@contextlib.contextmanager
+def _handled(command: str):
+    """User mistakes become one line on stderr and an exit code; anything else is a bug and propagates."""
+    status = _Status()
+    try:
+        yield status
+    except Exception as e:
+        from ..config import ConfigError
+        from ..inputs import InputError
+        from .encode import DataError
+        if isinstance(e, DataError):
+            status.code = 1
+        elif isinstance(e, (TrainConfigError, ConfigError, InputError)):
+            status.code = 2
+        else:
+            raise
+        print(f"mmfuse {command}: error: {e}", file=sys.stderr)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="mmfuse checkpoint directory or hub id")
+    p.add_argument("data", help="parquet file or directory of *.parquet (columns prompt, response, mm_NAME)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--stage", type=int, choices=[1, 2], required=True,
+                   help="1: projectors only; 2: projectors + LoRA (or the full LM with --full)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--lora-r", type=int, default=16, help="LoRA rank for stage 2 (default 16)")
+    kind.add_argument("--full", action="store_true", help="stage 2: train every LM weight")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per process per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=None, help="peak lr (default 1e-3 stage 1, 2e-4 LoRA, 2e-5 full)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--warmup", type=float, default=0.0, help="warm-up: fraction of steps if < 1, else steps")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 master weights")
+    p.add_argument("--save-every", type=int, default=0, help="save training state every N steps (0: never)")
+    p.add_argument("--keep-states", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/train_state")
+    p.add_argument("--eval-data", default=None, help="held-out parquet data")
+    p.add_argument("--eval-every", type=int, default=0, help="eval every N steps (0: only at the end)")
+    p.add_argument("--eval-exact-match", action="store_true", help="also greedy exact match on eval data")
+    p.add_argument("--eval-max-tokens", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=None)
+    p.add_argument("--streaming", action="store_true", help="stream the parquet data (needs --max-steps)")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=1)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run_train(args: argparse.Namespace) -> int:
+    with _handled("train") as status:
+        from .trainer import train
+        result = train(train_config_from_args(args))
+        print(f"wrote {result.out} ({result.steps} steps, final loss {result.final_loss:.4f})"
+              if result.final_loss is not None else f"wrote {result.out}")
+    return status.code
+
+
+def add_data_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="mmfuse checkpoint the data is for (tokenizer + config are read)")
+    p.add_argument("data", help="parquet file or directory of *.parquet")
+    p.add_argument("--max-errors", type=int, default=10, help="stop after this many bad rows")
+    p.add_argument("--streaming", action="store_true")
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    with _handled("data check") as status:
+        from .data import check_dataset
+        errors = check_dataset(args.ckpt, args.data, max_errors=args.max_errors, streaming=args.streaming)
+        for e in errors:
+            print(e, file=sys.stderr)
+        if errors:
+            more = " (stopped at --max-errors)" if len(errors) >= args.max_errors else ""
+            print(f"mmfuse data check: {len(errors)} bad row(s){more}", file=sys.stderr)
+            return 1
+        print(f"ok: every row of {args.data} is valid for {args.ckpt}")
+    return status.code
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt")
+    p.add_argument("data", help="parquet file or directory of *.parquet")
+    p.add_argument("--backend", choices=["hf", "vllm", "auto"], default="hf")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=None, help="default: longest response + 1 token")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--no-loss", dest="loss", action="store_false", help="skip the eval loss (hf)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    with _handled("eval") as status:
+        from .evaluation import evaluate, metrics_line
+        config = EvalConfig(backend=args.backend, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                            limit=args.limit, loss=args.loss)
+        print(metrics_line(evaluate(args.ckpt, args.data, config)))
+    return status.code
+
+
+__all__ = ["add_train_args", "run_train", "add_data_check_args", "run_data_check", "add_eval_args", "run_eval",
+           "train_config_from_args", "TrainConfigError"]

@@ -1,0 +1,127 @@
+"""Typed settings for training and evaluation, validated once.
+
+Every option of ``mmfuse train`` / ``mmfuse eval`` is a field here; the CLI only
+parses flags into these dataclasses, and the training code reads nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("fp32", "bf16")
+# defaults that work for the stage: projectors learn fast from scratch, a full LM needs care
+DEFAULT_LR = {"projectors": 1e-3, "lora": 2e-4, "full": 2e-5}
+
+
+class TrainConfigError(ValueError):
+    """A training or evaluation option is invalid; the message names the option."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run: ``mmfuse train CKPT DATA --stage N --out OUT [options]``."""
+
+    ckpt: str  # mmfuse checkpoint directory or hub id (made by `mmfuse init` or a previous run)
+    data: str  # parquet file or directory of *.parquet (see mmfuse.training.data)
+    out: str  # output checkpoint directory; training state goes to OUT/train_state/
+    stage: int = 1  # 1: projectors only (LM frozen); 2: projectors + LoRA adapters, or the whole LM with full=True
+    lora_r: int = 16  # LoRA rank (stage 2 without full)
+    lora_alpha: float | None = None  # LoRA scale numerator; None = 2 * lora_r (a common, stable choice)
+    lora_dropout: float = 0.0  # 0 keeps runs reproducible without RNG bookkeeping inside peft
+    full: bool = False  # stage 2: train every LM weight instead of LoRA adapters
+    epochs: int = 1  # passes over DATA; ignored when max_steps is set
+    max_steps: int | None = None  # optimiser steps in total; required with streaming (length unknown)
+    batch_size: int = 8  # rows per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimiser step; global batch = batch_size * processes * grad_accum
+    lr: float | None = None  # peak learning rate; None = DEFAULT_LR for the stage
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
+    warmup: float = 0.0  # warm-up: a fraction of all steps when < 1, else a number of steps
+    schedule: str = "cosine"  # lr after warm-up: cosine | linear (decay to 0) | constant
+    dtype: str = "fp32"  # fp32, or bf16 autocast (weights and optimiser state stay fp32)
+    save_every: int = 0  # write OUT/train_state every N optimiser steps; 0 = only at the end
+    keep_states: int = 1  # training states kept on disk (the newest ones)
+    resume: bool = False  # continue from the newest state in OUT/train_state
+    eval_data: str | None = None  # held-out parquet data for eval loss (and exact match)
+    eval_every: int = 0  # evaluate every N steps; 0 = only at the end (when eval_data is set)
+    eval_exact_match: bool = False  # also generate greedily and compare with the response
+    eval_max_tokens: int = 32  # generation limit for exact match
+    eval_batch_size: int | None = None  # None = batch_size
+    streaming: bool = False  # read parquet as a stream (datasets streaming) instead of memory-mapping it
+    shuffle: bool = True  # reshuffle rows every epoch (deterministic from seed and epoch)
+    seed: int = 0
+    log_every: int = 1  # progress/metrics record every N steps
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise TrainConfigError(f"stage: expected 1 or 2, got {self.stage!r}")
+        if self.full and self.stage != 2:
+            raise TrainConfigError("full: training the whole LM is stage 2 (--stage 2 --full)")
+        positive = ["lora_r", "epochs", "batch_size", "grad_accum", "keep_states", "eval_max_tokens", "log_every"]
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TrainConfigError(f"{key}: expected a positive integer, got {value!r}")
+        for key in ("save_every", "eval_every"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 0:
+                raise TrainConfigError(f"{key}: expected an integer >= 0, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise TrainConfigError(f"max_steps: expected a positive integer, got {self.max_steps!r}")
+        if self.streaming and self.max_steps is None:
+            raise TrainConfigError("max_steps: required with streaming (a stream's length is unknown)")
+        if self.schedule not in SCHEDULES:
+            raise TrainConfigError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        if self.dtype not in DTYPES:
+            raise TrainConfigError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        if self.warmup < 0:
+            raise TrainConfigError(f"warmup: expected >= 0, got {self.warmup!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise TrainConfigError(f"lora_dropout: expected 0 <= p < 1, got {self.lora_dropout!r}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.trainable]
+        if self.lr <= 0:
+            raise TrainConfigError(f"lr: expected > 0, got {self.lr!r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_r
+        if self.eval_batch_size is None:
+            self.eval_batch_size = self.batch_size
+
+    @property
+    def trainable(self) -> str:
+        """What the optimiser updates: ``projectors``, ``lora`` (+ projectors) or ``full`` (+ projectors)."""
+        if self.stage == 1:
+            return "projectors"
+        return "full" if self.full else "lora"
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# options that must not change between a run and its resumption: they decide the data order,
+# what is trained and the lr curve, so changing them would silently train something else
+RESUME_INVARIANTS = ("data", "stage", "lora_r", "lora_alpha", "full", "epochs", "max_steps", "batch_size",
+                     "grad_accum", "lr", "weight_decay", "warmup", "schedule", "shuffle", "seed", "streaming")
+
+
+@dataclass
+class EvalConfig:
+    """``mmfuse eval CKPT DATA``: greedy exact match (any backend) and eval loss (hf)."""
+
+    backend: str = "hf"  # hf | vllm | auto (as MultimodalPipeline)
+    batch_size: int = 16  # prompts per generate call
+    max_tokens: int | None = None  # generation limit; None = longest reference response + 1 token
+    limit: int | None = None  # evaluate only the first N rows
+    loss: bool = True  # eval loss (teacher-forced, response tokens only); hf backend only
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("hf", "vllm", "auto"):
+            raise TrainConfigError(f"backend: expected hf, vllm or auto, got {self.backend!r}")
+        for key in ("batch_size", "max_tokens", "limit"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise TrainConfigError(f"{key}: expected a positive integer, got {value!r}")

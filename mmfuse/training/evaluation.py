@@ -1,0 +1,108 @@
+"""Held-out metrics: teacher-forced loss on response tokens, and greedy exact match.
+
+``token_loss_sum`` is the one loss of this package: training, in-training eval and
+``mmfuse eval`` all sum cross-entropy over labelled (response) tokens, and divide
+by the token count of the whole (global) batch only at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..sampling import SamplingConfig
+from .config import EvalConfig
+from .data import column_names, iter_rows, open_dataset
+from .encode import IGNORE, Batch, Example, RowEncoder
+
+
+def token_loss_sum(model, batch: Batch, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's labelled positions (a 0-dim fp32 tensor)."""
+    device = model.device
+    with autocast():
+        logits = model(batch.input_ids.to(device), batch.items,
+                       attention_mask=batch.attention_mask.to(device)).logits  # [B, S, V]
+    logits = logits[:, :-1].float()  # position t predicts token t+1
+    labels = batch.labels[:, 1:].to(device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+@torch.no_grad()
+def loss_totals(model, encoder: RowEncoder, examples: Sequence[Example], batch_size: int,
+                autocast=contextlib.nullcontext) -> tuple[float, int]:
+    """(summed loss, labelled tokens) over ``examples``."""
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = encoder.collate(list(examples[i:i + batch_size]))
+        total += float(token_loss_sum(model, batch, autocast))
+        tokens += batch.num_targets
+    return total, tokens
+
+
+def is_exact(generated: str, response: str) -> bool:
+    """Exact match up to surrounding whitespace (EOS and padding are already stripped)."""
+    return generated.strip() == response.strip()
+
+
+@torch.no_grad()
+def exact_match_hits(model, examples: Sequence[Example], max_tokens: int, batch_size: int) -> int:
+    """Greedy generations from the HF reference that equal their response."""
+    from ..hf_backend import generate
+
+    sampling = SamplingConfig(max_tokens=max_tokens, temperature=0.0)
+    hits = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        outs = generate(model, [e.prompt for e in chunk], sampling)
+        hits += sum(is_exact(o[0].text, e.response) for o, e in zip(outs, chunk))
+    return hits
+
+
+def load_examples(encoder: RowEncoder, data: str | os.PathLike, limit: int | None = None) -> list[Example]:
+    """Encode a whole (held-out) dataset; the first bad row raises ``DataError``."""
+    ds = open_dataset(data)
+    encoder.check_columns(column_names(ds))
+    rows: Iterable = iter_rows(ds)
+    return [encoder.encode(row, i) for i, row in rows if limit is None or i < limit]
+
+
+def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike, config: EvalConfig | None = None) -> dict:
+    """Metrics of a checkpoint on a dataset: ``{"n", "exact_match", "eval_loss"?, "backend", "max_tokens"}``.
+
+    Generations go through ``MultimodalPipeline`` (so ``backend="vllm"`` measures
+    the vLLM plugin); eval loss needs the transformers model and is reported for hf.
+    """
+    from ..pipeline import MultimodalPipeline
+
+    config = config or EvalConfig()
+    pipe = MultimodalPipeline(ckpt, backend=config.backend)
+    model = getattr(pipe.backend, "model", None)  # the HF backend's MMFuseModel
+    encoder = RowEncoder.from_model(model) if model is not None else RowEncoder.from_checkpoint(ckpt)
+    examples = load_examples(encoder, data, config.limit)
+    if not examples:
+        raise ValueError(f"{data}: no rows to evaluate")
+    max_tokens = config.max_tokens or max(len(e.input_ids) - e.prompt_len for e in examples) + 1
+    sampling = SamplingConfig(max_tokens=max_tokens, temperature=0.0)
+    hits = 0
+    for i in range(0, len(examples), config.batch_size):
+        chunk = examples[i:i + config.batch_size]
+        requests = [{"text": e.prompt.text, "multimodal_data": {"multimodal_embeddings": e.prompt.items}}
+                    for e in chunk]
+        outs = pipe.generate_completions(requests, sampling)
+        hits += sum(is_exact(o[0].text, e.response) for o, e in zip(outs, chunk))
+    metrics = {"n": len(examples), "exact_match": hits / len(examples), "backend": pipe.backend.name,
+               "max_tokens": max_tokens}
+    if config.loss and model is not None:
+        total, tokens = loss_totals(model, encoder, examples, config.batch_size)
+        metrics["eval_loss"] = total / tokens
+        metrics["eval_tokens"] = tokens
+    return metrics
+
+
+def metrics_line(metrics: dict) -> str:
+    return json.dumps(metrics, sort_keys=True)

@@ -1,0 +1,116 @@
+"""What each stage trains, and how the result becomes a checkpoint again.
+
+- stage 1: projectors only; the LM is frozen, and the export reuses the input
+  checkpoint's LM files (hard links when possible) plus a new projector file.
+- stage 2: projectors + LoRA adapters on every linear layer of the LM's blocks
+  (peft ``all-linear``: attention and MLP, never the output head), merged into
+  the LM weights at export; or, with ``full``, every LM weight.
+
+The exported directory is a plain mmfuse checkpoint: both backends open it with
+no adapter support. Training state lives in ``OUT/train_state/``, a sub-directory,
+so no stray ``*.safetensors`` ever sits in OUT's root (vLLM loads every weight
+file the index lists, and the index lists every ``*.safetensors`` in the root).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import INDEX_FILE, PROJECTOR_FILE, PROJECTOR_PREFIX, read_config, save_projectors, weight_files
+from .config import TrainConfig
+
+STATE_DIR = "train_state"
+REPORT_FILES = ("metrics.json", "loss_curve.png")  # written by a run into OUT; never carried over
+
+
+def setup_trainable(model, config: TrainConfig):
+    """Freeze what the stage does not train; add LoRA adapters for stage 2.
+
+    Returns (the trainable parameters in a fixed order as [(name, param)], the peft model or None).
+    The names are those of ``model.named_parameters()`` and key the saved training state.
+    """
+    model.requires_grad_(False)
+    model.mm_projectors.requires_grad_(True)
+    peft_model = None
+    if config.trainable == "full":
+        model.lm.requires_grad_(True)
+    elif config.trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+        # injects LoRA layers into model.lm in place; model.lm stays the transformers model object
+        peft_model = get_peft_model(model.lm, lora)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad], peft_model
+
+
+def _clear_weights(out: Path) -> None:
+    """Remove weight files of an earlier export so the index lists only this one's."""
+    for f in weight_files(out):
+        f.unlink()
+    (out / INDEX_FILE).unlink(missing_ok=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    src = src.resolve()  # hub snapshots hold symlinks into the blob store
+    try:
+        os.link(src, dst)
+    except OSError:  # other filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def export_checkpoint(model, peft_model, config: TrainConfig, ckpt: Path, out: Path) -> Path:
+    """Write the trained model to ``out`` as a checkpoint both backends load directly."""
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_weights(out)
+    if config.trainable == "projectors":
+        _export_projectors_only(model, ckpt, out)
+        return out
+    if peft_model is not None:
+        model.lm = peft_model.merge_and_unload()  # W + scale * B @ A, adapters removed
+    source_dtype = _checkpoint_dtype(ckpt)
+    if source_dtype is not None:
+        model.lm.to(source_dtype)  # export in the checkpoint's own precision (fp32 training master copy)
+    model.save(out, lm_weights=True)
+    return out
+
+
+def _export_projectors_only(model, ckpt: Path, out: Path) -> None:
+    """Stage 1: the input checkpoint's files with a new projector file (the LM is unchanged)."""
+    for f in ckpt.iterdir():
+        if not f.is_file() or f.name in REPORT_FILES or f.name == INDEX_FILE:
+            continue
+        target = out / f.name
+        if f.suffix == ".safetensors":
+            if f.name == PROJECTOR_FILE:
+                continue
+            _check_no_projectors(f)
+            target.unlink(missing_ok=True)
+            _link_or_copy(f, target)
+        elif f.suffix in (".json", ".model", ".txt", ".jinja", ".tiktoken"):
+            shutil.copy2(f, target)
+    save_projectors(model.mm_projectors, out)  # also rewrites the index over all weight files
+
+
+def _check_no_projectors(f: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(f, framework="pt") as st:
+        if any(k.startswith(PROJECTOR_PREFIX) for k in st.keys()):
+            raise ValueError(f"{f}: holds mm_projectors.* tensors besides {PROJECTOR_FILE}; a stage-1 export "
+                             f"would list them twice. Re-save the checkpoint with mmfuse first.")
+
+
+def _checkpoint_dtype(ckpt: Path) -> torch.dtype | None:
+    config = read_config(ckpt)
+    name = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) \
+        else None
+
+
+def trainable_state(params: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in params}

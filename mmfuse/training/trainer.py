@@ -1,0 +1,238 @@
+"""The training loop: stage setup, data-parallel steps, eval, saving, export.
+
+Runs unchanged alone or on every process of ``accelerate launch`` / ``torchrun``
+(gloo on CPU, nccl on GPU). Gradients are synchronised by hand, once per
+optimiser step, rather than by wrapping the model in DDP, because
+
+- the loss is the mean over the response tokens of the *global* batch (all
+  processes and accumulation steps): each process back-propagates its token-loss
+  sum divided by the global token count, and the gradients are summed, so P
+  processes x batch b give exactly the update of one process with batch P*b;
+- projectors of a modality absent from one process's rows get no gradient there,
+  and the last step of an epoch may leave a process with no rows at all; DDP
+  would hang or need ``find_unused_parameters``, a summed all-reduce does not care.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import resolve
+from ..hf_backend import load
+from .batches import map_steps, steps_per_epoch, stream_steps
+from .config import TrainConfig, TrainConfigError
+from .data import column_names, open_dataset
+from .encode import DataError, Example, RowEncoder
+from .evaluation import exact_match_hits, loss_totals, token_loss_sum
+from .report import write_report
+from .stages import STATE_DIR, export_checkpoint, setup_trainable
+from .state import Progress, load_state, save_state, state_dirs
+
+GRAD_BUCKET = 1 << 24  # elements per all-reduce call
+
+
+@dataclass
+class TrainResult:
+    out: Path  # the exported checkpoint
+    steps: int
+    final_loss: float | None  # mean loss of the last step
+    eval: dict | None  # the last eval record
+    metrics_path: Path
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sum(value: float | int, device) -> float:
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    if _distributed():
+        dist.all_reduce(t)
+    return float(t)
+
+
+def _raise_if_any(error: DataError | None) -> None:
+    """A bad row on one process stops every process, all with the row's message."""
+    if not _distributed():
+        if error:
+            raise error
+        return
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, str(error) if error else None)
+    first = next((m for m in messages if m), None)
+    if first:
+        raise DataError(first)
+
+
+def _encode(encoder: RowEncoder, rows) -> list[Example]:
+    return [encoder.encode(row, index) for index, row in rows]
+
+
+def _all_reduce_grads(params) -> None:
+    """Sum gradients over processes; a parameter without a gradient contributes zeros (same on every process)."""
+    grads = []
+    for _, p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    if not _distributed():
+        return
+    bucket: list[torch.Tensor] = []
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+        if bucket and (g is None or sum(x.numel() for x in bucket) >= GRAD_BUCKET):
+            flat = torch.cat([x.reshape(-1) for x in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for x in bucket:
+                x.copy_(flat[offset:offset + x.numel()].view_as(x))
+                offset += x.numel()
+            bucket = []
+
+
+class _Run:
+    """State shared by the steps of one run (kept off the public API)."""
+
+    def __init__(self, config: TrainConfig, accelerator):
+        self.config, self.acc = config, accelerator
+        self.ckpt, self.out = resolve(config.ckpt), Path(config.out)
+        if self.out.resolve() == self.ckpt.resolve():
+            raise TrainConfigError(f"out: {self.out} is the input checkpoint; write to a new directory")
+        if state_dirs(self.out) and not config.resume:
+            raise TrainConfigError(f"out: {self.out / STATE_DIR} already holds training state; pass resume "
+                                   f"(--resume) to continue it, or choose a new out directory")
+        torch.manual_seed(config.seed)  # the same LoRA initialisation on every process
+        self.model = load(self.ckpt, device=accelerator.device)
+        self.params, self.peft_model = setup_trainable(self.model, config)
+        self.encoder = RowEncoder.from_model(self.model)
+        self.ds = open_dataset(config.data, streaming=config.streaming)
+        self.encoder.check_columns(column_names(self.ds))
+        self.eval_examples = self._eval_examples() if config.eval_data else None
+        processes = accelerator.num_processes
+        self.total = config.max_steps or config.epochs * steps_per_epoch(len(self.ds), config, processes)
+        self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        from transformers import get_scheduler
+        name = "constant_with_warmup" if config.schedule == "constant" else config.schedule
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=config.warmup_steps(self.total),
+                                       num_training_steps=self.total)
+
+    def _eval_examples(self) -> list[Example]:
+        """This process's share of the held-out rows (every P-th row), encoded once."""
+        ds = open_dataset(self.config.eval_data)
+        self.encoder.check_columns(column_names(ds))
+        rank, procs = self.acc.process_index, self.acc.num_processes
+        error, examples = None, []
+        try:
+            examples = [self.encoder.encode(ds[i], i) for i in range(rank, len(ds), procs)]
+        except DataError as e:
+            error = DataError(f"eval data: {e}")
+        _raise_if_any(error)
+        return examples
+
+    def steps(self, progress: Progress):
+        """Micro-batches of rows for every remaining step, across epochs."""
+        acc, config = self.acc, self.config
+        epoch, start = progress.epoch, progress.epoch_step
+        make = stream_steps if config.streaming else map_steps
+        while True:
+            produced = False
+            for micro in make(self.ds, config, epoch, start, acc.num_processes, acc.process_index):
+                produced = True
+                yield epoch, micro
+            if not produced and start == 0:
+                raise DataError(f"{config.data}: the dataset has no rows")
+            epoch, start = epoch + 1, 0
+
+    def step(self, micro) -> tuple[float, int, int]:
+        """One optimiser step over this process's micro-batches: (global mean loss, global tokens, global rows)."""
+        error, examples = None, []
+        try:
+            examples = [_encode(self.encoder, rows) for rows in micro]
+        except DataError as e:
+            error = e
+        _raise_if_any(error)
+        batches = [self.encoder.collate(ex) for ex in examples if ex]
+        device = self.acc.device
+        tokens = _sum(sum(b.num_targets for b in batches), device)
+        loss_sum = 0.0
+        for batch in batches:
+            loss = token_loss_sum(self.model, batch, self.acc.autocast)
+            self.acc.backward(loss / tokens)  # global-token mean after the gradient sum
+            loss_sum += float(loss.detach())
+        _all_reduce_grads(self.params)
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return _sum(loss_sum, device) / tokens, int(tokens), int(_sum(sum(len(e) for e in examples), device))
+
+    def evaluate(self, step: int) -> dict:
+        config, device = self.config, self.acc.device
+        self.model.eval()
+        total, tokens = loss_totals(self.model, self.encoder, self.eval_examples, config.eval_batch_size,
+                                    self.acc.autocast)
+        record = {"step": step, "eval_loss": _sum(total, device) / _sum(tokens, device),
+                  "n": int(_sum(len(self.eval_examples), device))}
+        if config.eval_exact_match:
+            hits = exact_match_hits(self.model, self.eval_examples, config.eval_max_tokens, config.eval_batch_size)
+            record["exact_match"] = _sum(hits, device) / record["n"]
+        self.model.train()
+        return record
+
+
+def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train a checkpoint as ``config`` says and export the result to ``config.out``.
+
+    Call it on every process of a distributed launch. ``on_step(step, record)``
+    runs on every process after each optimiser step (``record``: step, epoch,
+    loss, lr, tokens, rows); an exception from it stops the run (states already
+    saved stay usable for ``resume``).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    acc = Accelerator(mixed_precision="bf16" if config.dtype == "bf16" else "no")
+    run = _Run(config, acc)
+    progress = Progress()
+    if config.resume:
+        progress = load_state(run.out, config, run.params, run.optimizer, run.scheduler, acc)
+    run.model.train()
+    started = time.time()
+    bar = tqdm(total=run.total, initial=progress.step, disable=not acc.is_main_process, desc=f"stage {config.stage}")
+    steps = run.steps(progress)
+    while progress.step < run.total:
+        epoch, micro = next(steps)
+        lr = run.scheduler.get_last_lr()[0]
+        loss, tokens, rows = run.step(micro)
+        progress.step += 1
+        progress.epoch_step = progress.epoch_step + 1 if epoch == progress.epoch else 1
+        progress.epoch = epoch
+        record = {"step": progress.step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens, "rows": rows}
+        if progress.step % config.log_every == 0 or progress.step == run.total:
+            progress.history.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if run.eval_examples is not None and config.eval_every and progress.step % config.eval_every == 0:
+            progress.evals.append(run.evaluate(progress.step))
+        if config.save_every and progress.step % config.save_every == 0:
+            save_state(run.out, progress, config, run.params, run.optimizer, run.scheduler, acc)
+        if on_step is not None:
+            on_step(progress.step, record)
+    bar.close()
+    if run.eval_examples is not None and (not progress.evals or progress.evals[-1]["step"] != progress.step):
+        progress.evals.append(run.evaluate(progress.step))
+    if acc.is_main_process:
+        export_checkpoint(run.model, run.peft_model, config, run.ckpt, run.out)
+        write_report(run.out, config, progress, acc.num_processes, time.time() - started)
+    acc.wait_for_everyone()
+    return TrainResult(out=run.out, steps=progress.step,
+                       final_loss=progress.history[-1]["loss"] if progress.history else None,
+                       eval=progress.evals[-1] if progress.evals else None, metrics_path=run.out / "metrics.json")
