@@ -104,15 +104,21 @@ def place_items(text: str, items: dict[str, list[Item]], specs: Mapping[str, Mod
     counts = {name: text.count(spec.placeholder) for name, spec in specs.items()}
     if not any(counts.values()):
         return "".join(specs[n].placeholder * len(v) for n, v in items.items()) + text
-    for name, spec in specs.items():
-        given, found = len(items.get(name, [])), counts[name]
-        if given > found:
-            raise InputError(f"{_where(name, found)}: no placeholder {spec.placeholder} for this item "
-                             f"(expected {given} placeholders for {given} items, the prompt has {found})")
-        if found > given:
-            raise InputError(f"{_where(name, given)}: placeholder {spec.placeholder} #{given} has no item "
-                             f"(expected {found} items for {found} placeholders, got {given})")
+    check_placeholder_counts(counts, {n: len(v) for n, v in items.items()}, specs)
     return text
+
+
+def check_placeholder_counts(found: Mapping[str, int], given: Mapping[str, int],
+                             specs: Mapping[str, ModalitySpec]) -> None:
+    """Placeholders found in a prompt (text or token ids) must match the items given, per modality."""
+    for name, spec in specs.items():
+        n_given, n_found = given.get(name, 0), found.get(name, 0)
+        if n_given > n_found:
+            raise InputError(f"{_where(name, n_found)}: no placeholder {spec.placeholder} for this item "
+                             f"(expected {n_given} placeholders for {n_given} items, the prompt has {n_found})")
+        if n_found > n_given:
+            raise InputError(f"{_where(name, n_given)}: placeholder {spec.placeholder} #{n_given} has no item "
+                             f"(expected {n_found} items for {n_found} placeholders, got {n_given})")
 
 
 def prepare(text: str, embeddings: Mapping[str, object] | None, specs: Mapping[str, ModalitySpec]) -> PreparedPrompt:

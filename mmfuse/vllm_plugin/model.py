@@ -1,0 +1,84 @@
+"""The vLLM model for mmfuse checkpoints: vLLM's own base LM plus the shared projectors.
+
+One class serves every supported base: the checkpoint's ``architectures`` entry
+(``MMFuse<Base>``) names the base, and vLLM's registered model for that base is
+built inside as ``language_model``. Weights map as
+
+    model.*          -> language_model.model.*
+    lm_head.*        -> language_model.lm_head.*   (skipped by the base when tied)
+    mm_projectors.*  -> mm_projectors.*            (mmfuse.projectors.build_projectors)
+
+vLLM computes ``embed_multimodal`` per batch of items of one modality, caches the
+rows by item hash, and scatters them over the placeholder positions
+(``SupportsMultiModal.embed_input_ids``) before running the unchanged LM.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.utils import (AutoWeightsLoader, WeightsMapper, init_vllm_registered_model,
+                                              maybe_prefix)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.sequence import IntermediateTensors
+
+from ..checkpoint import SUPPORTED_BASES
+from ..config import ConfigError, MMFuseConfig, base_architecture
+from ..projectors import build_projectors
+from .processing import MMFuseDummyInputsBuilder, MMFuseMultiModalProcessor, MMFuseProcessingInfo, feats_key
+
+
+@MULTIMODAL_REGISTRY.register_processor(MMFuseMultiModalProcessor, info=MMFuseProcessingInfo,
+                                        dummy_inputs=MMFuseDummyInputsBuilder)
+class MMFuseForCausalLM(nn.Module, SupportsMultiModal):
+    """A supported causal LM (Qwen3/Qwen2/Llama/Mistral) with one projector per named modality."""
+
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.": "language_model.model.",
+                                                          "lm_head.": "language_model.lm_head."})
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        return None  # placeholders are per checkpoint (spec.placeholder); vLLM's chat parser is not used
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        base = base_architecture((config.architectures or ["?"])[0])
+        if base not in SUPPORTED_BASES:
+            raise ConfigError(f"mmfuse: base architecture {base!r} is not supported; supported: {SUPPORTED_BASES}")
+        self.specs = MMFuseConfig.from_hf_config(config).modalities
+        with self._mark_tower_model(vllm_config, set(self.specs)):
+            self.mm_projectors = build_projectors(self.specs, config.get_text_config().hidden_size)
+        with self._mark_language_model(vllm_config):
+            self.language_model = init_vllm_registered_model(vllm_config=vllm_config, hf_config=config,
+                                                             architectures=[base],
+                                                             prefix=maybe_prefix(prefix, "language_model"))
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        """Rows for each item in the batch, in item order: a list of [n_i * tokens_per_item, H]."""
+        out: list[torch.Tensor] = []
+        for name, proj in self.mm_projectors.items():
+            feats = kwargs.get(feats_key(name))
+            if feats is None:
+                continue
+            items = list(feats)  # stacked [B, n, d] when all items have the same n, else a list of [n_i, d]
+            w = next(proj.parameters())
+            # one projector call for the whole batch, then split back per item
+            rows = proj(torch.cat(items).to(w.device, w.dtype))
+            out.extend(rows.split([x.shape[0] * proj.tokens_per_item for x in items]))
+        return out
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor | IntermediateTensors:
+        return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)

@@ -1,0 +1,159 @@
+"""vLLM's input side for mmfuse checkpoints: parse items, expand placeholders, hash by content.
+
+Data path inside vLLM (0.32 processor API):
+
+    {"prompt" | "prompt_token_ids", "multi_modal_data": {NAME: item or [items]}}
+      -> MMFuseDataParser: one subparser per modality of the checkpoint; every item goes
+         through mmfuse.inputs.coerce_items (same checks and InputError as the HF backend)
+         and becomes a float32 (n, input_dim) tensor
+      -> MMFuseMultiModalProcessor.apply: no placeholder at all -> placeholders are put
+         first (the shared rule); otherwise placeholder/item counts must match
+      -> PromptReplacement: each placeholder id becomes n * tokens_per_item copies of itself
+      -> the model gets {NAME}_feats per item and projects it (see model.py)
+
+Prefix caching: vLLM keys each item by ``hash(model_id, NAME=tensor)`` where a tensor
+hashes as its dtype, shape and raw bytes, and every KV block that overlaps an item
+carries that item's hash. So identical text with different vectors shares KV only
+before the first differing item.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+
+import torch
+from transformers import BatchFeature
+from vllm.config.multimodal import MultiModalDummyOptions
+from vllm.inputs import MultiModalDataDict, MultiModalInput
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ModalityDataItems, MultiModalDataItems, MultiModalDataParser
+from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
+                                        ProcessorInputs, PromptReplacement, PromptUpdate, TimingContext)
+
+from ..config import MMFuseConfig, ModalitySpec
+from ..hf_backend import _single_token_id
+from ..inputs import InputError, check_placeholder_counts, coerce_items, rows_of
+
+
+def feats_key(name: str) -> str:
+    """The model keyword argument that carries a modality's items."""
+    return f"{name}_feats"
+
+
+class VectorItems(ModalityDataItems[list[torch.Tensor], torch.Tensor]):
+    """Validated items of one modality, each float32 (n, input_dim); no HF processor runs on them."""
+
+    def get_count(self) -> int:
+        return len(self.data)
+
+    def get(self, index: int) -> torch.Tensor:
+        return self.data[index]
+
+    def get_processor_data(self) -> Mapping[str, object]:
+        return {}
+
+    def get_passthrough_data(self) -> Mapping[str, object]:
+        return {feats_key(self.modality): self.data}
+
+
+class MMFuseDataParser(MultiModalDataParser):
+    """Accepts exactly the checkpoint's modality names; items shaped (d,) or (n, d), or lists of them."""
+
+    def __init__(self, specs: Mapping[str, ModalitySpec], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.specs = specs
+
+    def _parse_items(self, spec: ModalitySpec, data: object) -> VectorItems | None:
+        if data is None:
+            return None
+        return VectorItems(coerce_items({spec.name: spec}, {spec.name: data})[spec.name], spec.name)
+
+    def _get_subparsers(self):
+        return {name: (lambda data, spec=spec: self._parse_items(spec, data)) for name, spec in self.specs.items()}
+
+    def parse_mm_data(self, mm_data: MultiModalDataDict) -> MultiModalDataItems:
+        unknown = sorted(set(mm_data) - set(self.specs))
+        if unknown:
+            raise InputError(f"modality {unknown[0]!r} item 0: unknown modality, this checkpoint has "
+                             f"{sorted(self.specs)}")
+        return super().parse_mm_data(mm_data)
+
+
+class MMFuseProcessingInfo(BaseProcessingInfo):
+    """What the processor needs to know about a checkpoint: its modalities and placeholder ids."""
+
+    @cached_property
+    def specs(self) -> dict[str, ModalitySpec]:
+        return MMFuseConfig.from_hf_config(self.get_hf_config()).modalities
+
+    @cached_property
+    def placeholder_ids(self) -> dict[str, int]:
+        tok = self.get_tokenizer()
+        return {n: _single_token_id(tok, s.placeholder, n) for n, s in self.specs.items()}
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        return MMFuseDataParser(self.specs, expected_hidden_size=self._get_expected_hidden_size(),
+                                allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {n: s.max_items for n, s in self.specs.items()}
+
+    def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
+        return {"text_kwargs": set()}  # there is no HF processor to pass kwargs to
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        # one (n, d) item may fill the whole context: n * tokens_per_item <= seq_len
+        return {n: max(s.tokens_per_item, seq_len // s.tokens_per_item * s.tokens_per_item)
+                for n, s in self.specs.items()}
+
+
+class MMFuseDummyInputsBuilder(BaseDummyInputsBuilder[MMFuseProcessingInfo]):
+    """Profiling input: the largest items the context allows, one placeholder each."""
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return "".join(self.info.specs[n].placeholder * c for n, c in mm_counts.items())
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int],
+                          mm_options: MultiModalDummyOptions) -> MultiModalDataDict:
+        data: dict[str, list[torch.Tensor]] = {}
+        for name, count in mm_counts.items():
+            if count:
+                spec = self.info.specs[name]
+                n = max(1, seq_len // (count * spec.tokens_per_item))
+                data[name] = [torch.zeros(n, spec.input_dim)] * count
+        return data
+
+
+class MMFuseMultiModalProcessor(BaseMultiModalProcessor[MMFuseProcessingInfo]):
+    """Checks placeholders against items, then expands each placeholder to its item's row count."""
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature,
+                              hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
+        return {feats_key(n): MultiModalFieldConfig.batched(n) for n in self.info.specs if feats_key(n) in hf_inputs}
+
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+        updates = []
+        for name, items in mm_items.items():
+            spec, pid = self.info.specs[name], self.info.placeholder_ids[name]
+            updates.append(PromptReplacement(
+                modality=name, target=[pid],
+                replacement=lambda i, items=items, spec=spec, pid=pid: [pid] * rows_of(spec, items.get(i))))
+        return updates
+
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
+        inputs.prompt = self._place_items(list(inputs.prompt), inputs.mm_data_items)
+        return super().apply(inputs, timing_ctx)
+
+    def _place_items(self, ids: list[int], mm_items: MultiModalDataItems) -> list[int]:
+        """The shared placeholder rule (mmfuse.inputs.place_items) on token ids."""
+        pids = self.info.placeholder_ids
+        found = {n: ids.count(pid) for n, pid in pids.items()}
+        given = {n: len(items) for n, items in mm_items.items()}
+        if any(found.values()) or not any(given.values()):
+            check_placeholder_counts(found, given, self.info.specs)
+            return ids
+        # no placeholder at all: items go first, in the order given (after a BOS token, if any)
+        bos = self.info.get_tokenizer().bos_token_id
+        start = 1 if ids and bos is not None and ids[0] == bos else 0
+        return ids[:start] + [pids[n] for n, c in given.items() for _ in range(c)] + ids[start:]
