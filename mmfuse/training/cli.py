@@ -80,8 +80,9 @@ def run_train(args: argparse.Namespace) -> int:
     with _handled("train") as status:
         from .trainer import train
         result = train(train_config_from_args(args))
-        print(f"wrote {result.out} ({result.steps} steps, final loss {result.final_loss:.4f})"
-              if result.final_loss is not None else f"wrote {result.out}")
+        if result.main_process:
+            print(f"wrote {result.out} ({result.steps} steps, final loss {result.final_loss:.4f})"
+                  if result.final_loss is not None else f"wrote {result.out}")
     return status.code
 
 

@@ -43,6 +43,7 @@ class TrainResult:
     final_loss: float | None  # mean loss of the last step
     eval: dict | None  # the last eval record
     metrics_path: Path
+    main_process: bool  # False on the other processes of a distributed run (they wrote nothing)
 
 
 def _distributed() -> bool:
@@ -199,7 +200,8 @@ def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = Non
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    acc = Accelerator(mixed_precision="bf16" if config.dtype == "bf16" else "no")
+    # without cpu=True accelerate ignores a torchrun/launch environment on machines with no GPU (gloo)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if config.dtype == "bf16" else "no")
     run = _Run(config, acc)
     progress = Progress()
     if config.resume:
@@ -235,4 +237,5 @@ def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = Non
     acc.wait_for_everyone()
     return TrainResult(out=run.out, steps=progress.step,
                        final_loss=progress.history[-1]["loss"] if progress.history else None,
-                       eval=progress.evals[-1] if progress.evals else None, metrics_path=run.out / "metrics.json")
+                       eval=progress.evals[-1] if progress.evals else None, metrics_path=run.out / "metrics.json",
+                       main_process=acc.is_main_process)

@@ -1,0 +1,334 @@
+"""Training: data format and checks, stage 1 / stage 2, data parallel, resume, export, eval.
+
+Every run is tiny (the conftest qwen3 checkpoint: hidden 128, 2 layers) and
+fp32 on CPU, so weights can be compared to 1e-5 or bitwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmfuse.training import DataError, EvalConfig, TrainConfig, check_dataset, evaluate, train, write_parquet
+from mmfuse.training.config import TrainConfigError
+
+WORDS = "red green blue yellow one two three four circle square triangle hello world".split()
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    """Mixed rows: placeholders or none, 0-2 m1 items of 1-2 vectors, m2 on some rows, responses of 1-4 words."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        items = {"m1": [rng.normal(size=(int(rng.integers(1, 3)), 32)) for _ in range(i % 3)]}
+        prompt = "describe " + " and ".join(["<|m1|>"] * len(items["m1"])) if i % 2 else "describe the image"
+        if i % 4 == 1:
+            items["m2"] = [rng.normal(size=16)]
+            prompt += " with <|sensor|>"
+        response = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 5))))
+        rows.append({"prompt": prompt, "response": response, "items": items})
+    return rows
+
+
+def color_rows(n: int, seed: int) -> list[dict]:
+    """A learnable task: the m1 vector is a noisy prototype of one of four colours, the response names it."""
+    protos = np.random.default_rng(1234).normal(size=(4, 32))
+    rng = np.random.default_rng(seed)
+    return [{"prompt": "the colour of <|m1|> is", "response": WORDS[c],
+             "items": {"m1": [protos[c] + 0.1 * rng.normal(size=32)]}}
+            for c in rng.integers(0, 4, size=n)]
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "mixed.parquet"
+    write_parquet(make_rows(24), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def color_data(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("colors")
+    write_parquet(color_rows(64, 0), d / "train.parquet")
+    write_parquet(color_rows(16, 1), d / "eval.parquet")
+    return d / "train.parquet", d / "eval.parquet"
+
+
+def cfg(ckpt, data, out, **kw) -> TrainConfig:
+    base = dict(ckpt=str(ckpt), data=str(data), out=str(out), stage=1, batch_size=4, max_steps=2,
+                schedule="constant", shuffle=False)
+    return TrainConfig(**(base | kw))
+
+
+def projectors(path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "mm_projectors.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def first_moments(out) -> list[torch.Tensor]:
+    """Adam's exp_avg after step 1 = (1 - beta1) * gradient: compares gradients, which Adam's update hides."""
+    state = sorted((Path(out) / "train_state").glob("step_*"))[-1]
+    opt = torch.load(state / "optimizer.pt", weights_only=True)
+    return [opt["state"][i]["exp_avg"] for i in sorted(opt["state"])]
+
+
+# ---------------------------------------------------------------- data format and checks
+
+def test_write_parquet_schema_and_values(tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = make_rows(6)
+    write_parquet(rows, tmp_path / "d.parquet")
+    table = pq.read_table(tmp_path / "d.parquet")
+    assert str(table.schema.field("mm_m1").type) == "list<element: list<element: list<element: float>>>"
+    got = table.to_pylist()
+    for row, back in zip(rows, got):
+        assert back["prompt"] == row["prompt"] and back["response"] == row["response"]
+        assert len(back["mm_m1"]) == len(row["items"]["m1"])
+        for a, b in zip(row["items"]["m1"], back["mm_m1"]):
+            np.testing.assert_allclose(np.asarray(b), a.astype(np.float32))
+        assert len(back["mm_m2"]) == len(row["items"].get("m2", []))  # absent modality -> []
+    files = write_parquet(rows, tmp_path / "shards", rows_per_file=4)
+    assert [f.name for f in files] == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_check_dataset_accepts_good_data(qwen3_ckpt, mixed_data):
+    assert check_dataset(qwen3_ckpt, mixed_data) == []
+
+
+def test_check_dataset_names_bad_rows(qwen3_ckpt, tmp_path, capsys):
+    rows = make_rows(8)
+    rows[2] = {"prompt": "x <|m1|>", "response": "y", "items": {"m1": [np.zeros((1, 31))]}}
+    rows[4] = {"prompt": "x <|m1|> <|m1|>", "response": "y", "items": {"m1": [np.zeros(32)]}}
+    rows[5] = {"prompt": "x", "response": "y", "items": {"m1": [np.full(32, np.nan)]}}
+    rows[7] = {"prompt": "x" * 3000, "response": "y", "items": {}}
+    write_parquet(rows, tmp_path / "bad.parquet")
+    errors = check_dataset(qwen3_ckpt, tmp_path / "bad.parquet")
+    assert len(errors) == 4
+    assert errors[0].startswith("row 2: modality 'm1' item 0: wrong last dimension, expected 32")
+    assert errors[1].startswith("row 4: modality 'm1' item 1: placeholder <|m1|> #1 has no item")
+    assert errors[2] == "row 5: modality 'm1' item 0: contains NaN or Inf values"
+    assert errors[3].startswith("row 7: prompt too long")
+    assert check_dataset(qwen3_ckpt, tmp_path / "bad.parquet", max_errors=2) == errors[:2]
+
+    from mmfuse.training.cli import add_data_check_args, run_data_check
+    import argparse
+    p = argparse.ArgumentParser()
+    add_data_check_args(p)
+    assert run_data_check(p.parse_args([str(qwen3_ckpt), str(tmp_path / "bad.parquet")])) == 1
+    assert "row 2: modality 'm1' item 0: wrong last dimension" in capsys.readouterr().err
+
+
+def test_check_dataset_rejects_bad_columns(qwen3_ckpt, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a"], "response": ["b"], "mm_audio": [[[[0.0]]]]}), tmp_path / "a.parquet")
+    assert check_dataset(qwen3_ckpt, tmp_path / "a.parquet")[0].startswith("column 'mm_audio': unknown modality")
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "b.parquet")
+    assert check_dataset(qwen3_ckpt, tmp_path / "b.parquet") == \
+        ["column 'response' is missing (columns: ['prompt'])"]
+    pq.write_table(pa.table({"messages": ["a"], "prompt": ["a"], "response": ["b"]}), tmp_path / "c.parquet")
+    assert "'messages' is not supported" in check_dataset(qwen3_ckpt, tmp_path / "c.parquet")[0]
+    pq.write_table(pa.table({"prompt": ["a", None], "response": ["b", "c"]}), tmp_path / "d.parquet")
+    assert check_dataset(qwen3_ckpt, tmp_path / "d.parquet") == \
+        ["row 1: column 'prompt': expected a string, got NoneType"]
+
+
+def test_encoding_matches_inference_path(qwen3_model, mixed_data):
+    from mmfuse.inputs import prepare
+    from mmfuse.training.data import open_dataset
+    from mmfuse.training.encode import IGNORE, RowEncoder
+
+    enc = RowEncoder.from_model(qwen3_model)
+    ds = open_dataset(mixed_data)
+    for i in range(6):
+        row = ds[i]
+        ex = enc.encode(row, i)
+        items = {n: row[f"mm_{n}"] for n in ("m1", "m2") if row[f"mm_{n}"]}
+        prompt_ids = qwen3_model.token_ids(prepare(row["prompt"], items, qwen3_model.specs))
+        response_ids = qwen3_model.tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        assert ex.input_ids == prompt_ids + response_ids + [qwen3_model.tokenizer.eos_token_id]
+        assert ex.labels == [IGNORE] * len(prompt_ids) + ex.input_ids[len(prompt_ids):]
+    batch = enc.collate([enc.encode(ds[i], i) for i in range(4)])
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
+    assert (batch.labels[batch.attention_mask == 0] == IGNORE).all()
+    # the fused forward accepts the collated items: placeholder count == projected rows
+    with torch.no_grad():
+        qwen3_model(batch.input_ids, batch.items, attention_mask=batch.attention_mask)
+
+
+def test_config_errors_name_the_option(tmp_path):
+    with pytest.raises(TrainConfigError, match="stage: expected 1 or 2"):
+        cfg("c", "d", tmp_path, stage=3)
+    with pytest.raises(TrainConfigError, match="full: training the whole LM is stage 2"):
+        cfg("c", "d", tmp_path, full=True)
+    with pytest.raises(TrainConfigError, match="max_steps: required with streaming"):
+        cfg("c", "d", tmp_path, streaming=True, max_steps=None)
+    with pytest.raises(TrainConfigError, match="schedule"):
+        cfg("c", "d", tmp_path, schedule="step")
+    assert cfg("c", "d", tmp_path, stage=2).lr == 2e-4 and cfg("c", "d", tmp_path).lr == 1e-3
+
+
+# ---------------------------------------------------------------- training runs
+
+def test_train_stops_at_a_bad_row_and_names_it(qwen3_ckpt, tmp_path):
+    rows = make_rows(8)
+    rows[5] = {"prompt": "x <|m1|>", "response": "y", "items": {"m1": [np.zeros((2, 33))]}}
+    write_parquet(rows, tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"^row 5: modality 'm1' item 0: wrong last dimension, expected 32, "
+                                        r"got shape \(2, 33\)"):
+        train(cfg(qwen3_ckpt, tmp_path / "bad.parquet", tmp_path / "out"))
+
+
+def test_stage1_trains_projectors_only_and_exports_a_checkpoint(qwen3_ckpt, color_data, tmp_path):
+    from mmfuse import load
+    from mmfuse.checkpoint import INDEX_FILE
+
+    out = tmp_path / "s1"
+    result = train(cfg(qwen3_ckpt, color_data[0], out, max_steps=3, save_every=2))
+    assert result.out == out and result.steps == 3
+    assert max_diff(projectors(out), projectors(qwen3_ckpt)) > 1e-4  # projectors moved
+    lm_before = load_file(str(qwen3_ckpt / "model.safetensors"))
+    assert max_diff(load_file(str(out / "model.safetensors")), lm_before) == 0.0  # LM untouched
+    # the index lists exactly the root weight files; training state stays out of the root
+    index = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+    assert set(index.values()) == {p.name for p in out.glob("*.safetensors")} == \
+        {"model.safetensors", "mm_projectors.safetensors"}
+    assert (out / "train_state" / "step_00000002" / "trainable.safetensors").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["history"]] == [1, 2, 3] and (out / "loss_curve.png").stat().st_size > 0
+    model = load(out)  # the HF backend opens it with the trained projectors
+    assert max_diff({k: v for k, v in model.mm_projectors.state_dict().items()},
+                    {k.removeprefix("mm_projectors."): v for k, v in projectors(out).items()}) == 0.0
+
+
+def test_loss_decreases_on_a_learnable_task(qwen3_ckpt, color_data, tmp_path):
+    result = train(cfg(qwen3_ckpt, color_data[0], tmp_path / "o", stage=2, lora_r=8, max_steps=24, batch_size=8,
+                       shuffle=True, lr=3e-3, eval_data=str(color_data[1]), eval_every=12))
+    losses = [r["loss"] for r in json.loads(result.metrics_path.read_text())["history"]]
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:2]), losses
+    evals = json.loads(result.metrics_path.read_text())["evals"]
+    assert [e["step"] for e in evals] == [12, 24] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_gradient_accumulation_equals_a_larger_batch(qwen3_ckpt, mixed_data, tmp_path):
+    big = train(cfg(qwen3_ckpt, mixed_data, tmp_path / "big", batch_size=8, max_steps=1, save_every=1))
+    acc = train(cfg(qwen3_ckpt, mixed_data, tmp_path / "acc", batch_size=4, grad_accum=2, max_steps=1,
+                    save_every=1))
+    assert abs(big.final_loss - acc.final_loss) < 1e-5
+    for a, b in zip(first_moments(big.out), first_moments(acc.out), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert max_diff(projectors(big.out), projectors(acc.out)) < 1e-5
+
+
+def test_two_processes_equal_one_process_with_double_batch(qwen3_ckpt, mixed_data, tmp_path):
+    """torchrun, 2 CPU processes (gloo) x batch 4 == 1 process x batch 8: loss, gradients, weights."""
+    args = [str(qwen3_ckpt), str(mixed_data), "--stage", "1", "--max-steps", "1", "--save-every", "1",
+            "--schedule", "constant", "--no-shuffle"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mmfuse.training",
+                           "train", *args, "--out", str(tmp_path / "two"), "--batch-size", "4"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = train(cfg(qwen3_ckpt, mixed_data, tmp_path / "one", batch_size=8, max_steps=1, save_every=1))
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["processes"] == 2 and two["history"][0]["rows"] == 8
+    assert abs(two["final_loss"] - single.final_loss) < 1e-5
+    for a, b in zip(first_moments(tmp_path / "two"), first_moments(single.out), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert max_diff(projectors(tmp_path / "two"), projectors(single.out)) < 1e-5
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(qwen3_ckpt, mixed_data, tmp_path):
+    """Stage 2 LoRA over 2+ epochs with shuffling: stop after step 5 (state at 4), resume, compare bitwise."""
+    kw = dict(stage=2, lora_r=4, max_steps=8, batch_size=5, save_every=2, shuffle=True, schedule="cosine",
+              warmup=2, lr=1e-3)
+    full = train(cfg(qwen3_ckpt, mixed_data, tmp_path / "full", **kw))
+
+    def stop(step, record):
+        if step == 5:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(cfg(qwen3_ckpt, mixed_data, tmp_path / "cut", **kw), on_step=stop)
+    with pytest.raises(TrainConfigError, match="already holds training state"):
+        train(cfg(qwen3_ckpt, mixed_data, tmp_path / "cut", **kw))
+    with pytest.raises(TrainConfigError, match="batch_size: saved 5, now 4"):
+        train(cfg(qwen3_ckpt, mixed_data, tmp_path / "cut", **(kw | {"batch_size": 4, "resume": True})))
+    resumed = train(cfg(qwen3_ckpt, mixed_data, tmp_path / "cut", **kw, resume=True))
+    a, b = (json.loads(r.metrics_path.read_text())["history"] for r in (full, resumed))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["epoch"] for r in b][-1] == 1
+    assert max_diff(projectors(full.out), projectors(resumed.out)) == 0.0
+    assert max_diff(load_file(str(full.out / "model.safetensors")),
+                    load_file(str(resumed.out / "model.safetensors"))) == 0.0
+
+
+def test_lora_export_merges_into_a_plain_checkpoint(qwen3_ckpt, mixed_data, tmp_path):
+    """The exported (merged) LM gives the in-training (adapter) model's logits."""
+    from mmfuse import load
+    from mmfuse.training.encode import RowEncoder
+    from mmfuse.training.data import open_dataset
+    from mmfuse.training.stages import export_checkpoint, setup_trainable
+
+    config = cfg(qwen3_ckpt, mixed_data, tmp_path / "lora", stage=2, lora_r=4)
+    torch.manual_seed(0)
+    model = load(qwen3_ckpt)
+    params, peft_model = setup_trainable(model, config)
+    assert any("lora_B" in n for n, _ in params) and not any("embed_tokens" in n for n, _ in params)
+    with torch.no_grad():  # LoRA B starts at zero: give the adapters something to merge
+        for n, p in params:
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    enc = RowEncoder.from_model(model)
+    ds = open_dataset(mixed_data)
+    batch = enc.collate([enc.encode(ds[i], i) for i in range(6)])
+    with torch.no_grad():
+        base = load(qwen3_ckpt)(batch.input_ids, batch.items, attention_mask=batch.attention_mask).logits
+        adapted = model(batch.input_ids, batch.items, attention_mask=batch.attention_mask).logits
+        out = export_checkpoint(model, peft_model, config, qwen3_ckpt, tmp_path / "lora")
+        merged = load(out)(batch.input_ids, batch.items, attention_mask=batch.attention_mask).logits
+    mask = batch.attention_mask.bool()
+    assert (adapted - base)[mask].abs().max() > 1e-2  # the adapters matter...
+    torch.testing.assert_close(merged[mask], adapted[mask], rtol=1e-4, atol=1e-4)  # ...and survive the merge
+    assert not any("lora" in k for k in load_file(str(out / "model.safetensors")))
+
+
+def test_stage2_full_updates_the_lm(qwen3_ckpt, mixed_data, tmp_path):
+    result = train(cfg(qwen3_ckpt, mixed_data, tmp_path / "full", stage=2, full=True, max_steps=1, lr=1e-3))
+    after, before = load_file(str(result.out / "model.safetensors")), load_file(str(qwen3_ckpt / "model.safetensors"))
+    assert max_diff(after, before) > 1e-4
+
+
+def test_eval_prints_one_json_line_with_metrics(qwen3_ckpt, color_data, tmp_path, capsys):
+    import argparse
+
+    from mmfuse.training.cli import add_eval_args, run_eval
+
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    assert run_eval(p.parse_args([str(qwen3_ckpt), str(color_data[1]), "--backend", "hf", "--limit", "6"])) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    metrics = json.loads(lines[0])
+    assert metrics["n"] == 6 and metrics["backend"] == "hf" and 0 <= metrics["exact_match"] <= 1
+    assert metrics["eval_loss"] > 0
+    # the same numbers through the library call
+    again = evaluate(qwen3_ckpt, color_data[1], EvalConfig(backend="hf", limit=6))
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"])
