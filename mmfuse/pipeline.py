@@ -34,6 +34,9 @@ class HFBackend:
         from .hf_backend import generate
         return generate(self.model, prompts, sampling)
 
+    def close(self) -> None:
+        """Nothing to stop: the model is freed with this object."""
+
 
 def make_backend(model: str | os.PathLike, backend: str = "auto", **options: Any):
     if backend not in BACKENDS:
@@ -96,3 +99,13 @@ class MultimodalPipeline:
         results = self.generate_completions(inputs, sampling)
         texts = [[c.text for c in cs] if n > 1 else cs[0].text for cs in results]
         return texts[0] if isinstance(inputs, Mapping) else texts
+
+    def close(self) -> None:
+        """Release the backend (stops a vLLM engine's processes now rather than at exit)."""
+        self.backend.close()
+
+    def __enter__(self) -> "MultimodalPipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -62,6 +62,7 @@ def test_original_sketch_basic_example_through_both_import_names(qwen3_base, tmp
         pipeline = cls(model_name=str(qwen3_base), modality_configs=configs, device="cpu")
         outs.append(pipeline.generate(input_data, max_tokens=12))
         assert pipeline.specs["m1"].hidden_dim == 4096 and pipeline.specs["m2"].input_dim == 512
+        pipeline.close()
     assert isinstance(outs[0], str) and outs[0] == outs[1]  # same cached checkpoint, greedy
     # the answer depends on the vectors, i.e. the projectors are really in the path
     other = dict(input_data, multimodal_data={"multimodal_embeddings": {"m1": torch.randn(768) * 5,
