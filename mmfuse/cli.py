@@ -128,17 +128,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     s.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"])
     s.set_defaults(func=_generate)
+
+    from .training.cli import (add_data_check_args, add_eval_args, add_train_args, run_data_check, run_eval,
+                               run_train)
+    s = sub.add_parser("train", help="stage 1 (projectors) or stage 2 (LoRA / full) training")
+    add_train_args(s)
+    s.set_defaults(func=run_train)
+    s = sub.add_parser("eval", help="greedy exact match (and eval loss) on a dataset, one JSON line")
+    add_eval_args(s)
+    s.set_defaults(func=run_eval)
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    s = data.add_parser("check", help="validate a dataset against a checkpoint")
+    add_data_check_args(s)
+    s.set_defaults(func=run_data_check)
+
+    s = sub.add_parser("bench", help="benchmarks: `mmfuse bench throughput --help`")
+    s.add_argument("name", choices=sorted(BENCHMARKS))
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    s.set_defaults(func=_bench)
     return p
+
+
+BENCHMARKS = {"throughput": "mmfuse.bench.throughput"}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+    importlib.import_module(BENCHMARKS[args.name]).main(args.rest)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (InputError, ConfigError) as e:
         print(f"mmfuse {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
