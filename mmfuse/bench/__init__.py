@@ -1,0 +1,1 @@
+"""Benchmarks (commands, not tests): ``python -m mmfuse.bench.throughput`` / ``mmfuse bench throughput``."""
