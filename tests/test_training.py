@@ -332,3 +332,74 @@ def test_eval_prints_one_json_line_with_metrics(qwen3_ckpt, color_data, tmp_path
     # the same numbers through the library call
     again = evaluate(qwen3_ckpt, color_data[1], EvalConfig(backend="hf", limit=6))
     assert again["eval_loss"] == pytest.approx(metrics["eval_loss"])
+
+
+def test_streaming_directory_matches_memory_mapped(qwen3_ckpt, tmp_path):
+    write_parquet(make_rows(20), tmp_path / "parts", rows_per_file=7)  # 3 files, read in name order
+    mapped = train(cfg(qwen3_ckpt, tmp_path / "parts", tmp_path / "map", max_steps=6))  # crosses an epoch
+    streamed = train(cfg(qwen3_ckpt, tmp_path / "parts", tmp_path / "stream", max_steps=6, streaming=True))
+    a, b = (json.loads(r.metrics_path.read_text())["history"] for r in (mapped, streamed))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["rows"] for r in b] == [4, 4, 4, 4, 4, 4]
+    assert max_diff(projectors(mapped.out), projectors(streamed.out)) == 0.0
+    rows = make_rows(10)
+    rows[9]["items"] = {"m1": [np.zeros(8)]}
+    write_parquet(rows, tmp_path / "bad", rows_per_file=4)
+    with pytest.raises(DataError, match=r"^row 9: "):
+        train(cfg(qwen3_ckpt, tmp_path / "bad", tmp_path / "bad_out", max_steps=3, streaming=True))
+
+
+# ---------------------------------------------------------------- stage 2 vs stage 1
+
+COLOURS, SHAPES = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle", "one"]
+
+
+def routed_rows(n: int, seed: int) -> list[dict]:
+    """Each vector encodes a colour and a shape; the *text* asks for one of them.
+
+    The projector sees only the vector, so picking the asked attribute is the LM's
+    job: a frozen LM (stage 1) is weak here, LoRA (stage 2) is not.
+    """
+    protos = np.random.default_rng(99).normal(size=(2, 4, 16))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        c, s, ask_shape = rng.integers(0, 4), rng.integers(0, 4), rng.integers(0, 2)
+        v = np.concatenate([protos[0, c], protos[1, s]]) + 0.1 * rng.normal(size=32)
+        rows.append({"prompt": f"the {'shape' if ask_shape else 'colour'} of <|m1|> is",
+                     "response": SHAPES[s] if ask_shape else COLOURS[c], "items": {"m1": [v]}})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def stoppable_ckpt(tmp_path_factory):
+    """A tiny checkpoint whose EOS embedding row is not zero.
+
+    make_base's models use EOS as pad token, and transformers zeroes the pad row of
+    the (tied) embedding, so their EOS logit is always 0: no LoRA or projector can
+    teach them to stop. Exact match needs stopping.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from mmfuse import ModalitySpec, init_checkpoint
+    from mmfuse.tiny import make_base
+
+    base = make_base(tmp_path_factory.mktemp("stoppable_base"), family="qwen3", seed=0)
+    lm = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        lm.get_input_embeddings().weight[lm.config.eos_token_id].normal_(0, 0.1)
+    lm.save_pretrained(base)
+    return init_checkpoint(base, tmp_path_factory.mktemp("stoppable"), [ModalitySpec(name="m1", input_dim=32)])
+
+
+def test_stage2_lora_beats_stage1_when_the_lm_must_change(stoppable_ckpt, tmp_path):
+    write_parquet(routed_rows(512, 0), tmp_path / "train.parquet")
+    write_parquet(routed_rows(64, 1), tmp_path / "eval.parquet")
+    scores = {}
+    for name, kw in {"stage1": dict(stage=1), "lora": dict(stage=2, lora_r=8)}.items():
+        result = train(cfg(stoppable_ckpt, tmp_path / "train.parquet", tmp_path / name, max_steps=60, batch_size=16,
+                           lr=3e-3, warmup=0.1, schedule="cosine", shuffle=True, **kw))
+        scores[name] = evaluate(result.out, tmp_path / "eval.parquet", EvalConfig(backend="hf"))
+    assert scores["lora"]["exact_match"] >= 0.9, scores
+    assert scores["stage1"]["exact_match"] <= 0.5, scores
+    assert scores["lora"]["eval_loss"] < 0.2 * scores["stage1"]["eval_loss"], scores

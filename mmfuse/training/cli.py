@@ -63,7 +63,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default=None, help="held-out parquet data")
     p.add_argument("--eval-every", type=int, default=0, help="eval every N steps (0: only at the end)")
     p.add_argument("--eval-exact-match", action="store_true", help="also greedy exact match on eval data")
-    p.add_argument("--eval-max-tokens", type=int, default=32)
+    p.add_argument("--eval-max-tokens", type=int, default=None, help="default: longest eval response + 1")
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--streaming", action="store_true", help="stream the parquet data (needs --max-steps)")
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false")

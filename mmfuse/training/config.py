@@ -46,7 +46,7 @@ class TrainConfig:
     eval_data: str | None = None  # held-out parquet data for eval loss (and exact match)
     eval_every: int = 0  # evaluate every N steps; 0 = only at the end (when eval_data is set)
     eval_exact_match: bool = False  # also generate greedily and compare with the response
-    eval_max_tokens: int = 32  # generation limit for exact match
+    eval_max_tokens: int | None = None  # generation limit for exact match; None = longest eval response + 1
     eval_batch_size: int | None = None  # None = batch_size
     streaming: bool = False  # read parquet as a stream (datasets streaming) instead of memory-mapping it
     shuffle: bool = True  # reshuffle rows every epoch (deterministic from seed and epoch)
@@ -58,7 +58,7 @@ class TrainConfig:
             raise TrainConfigError(f"stage: expected 1 or 2, got {self.stage!r}")
         if self.full and self.stage != 2:
             raise TrainConfigError("full: training the whole LM is stage 2 (--stage 2 --full)")
-        positive = ["lora_r", "epochs", "batch_size", "grad_accum", "keep_states", "eval_max_tokens", "log_every"]
+        positive = ["lora_r", "epochs", "batch_size", "grad_accum", "keep_states", "log_every"]
         for key in positive:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -67,6 +67,9 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
                 raise TrainConfigError(f"{key}: expected an integer >= 0, got {value!r}")
+        tokens = self.eval_max_tokens
+        if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
+            raise TrainConfigError(f"eval_max_tokens: expected a positive integer, got {self.eval_max_tokens!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise TrainConfigError(f"max_steps: expected a positive integer, got {self.max_steps!r}")
         if self.streaming and self.max_steps is None:

@@ -57,6 +57,13 @@ def _sum(value: float | int, device) -> float:
     return float(t)
 
 
+def _max(value: float | int, device) -> float:
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def _raise_if_any(error: DataError | None) -> None:
     """A bad row on one process stops every process, all with the row's message."""
     if not _distributed():
@@ -124,6 +131,10 @@ class _Run:
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=config.warmup_steps(self.total),
                                        num_training_steps=self.total)
 
+    def autocast(self):
+        """bf16 autocast for forward passes when asked; weights and optimiser state stay fp32."""
+        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bf16")
+
     def _eval_examples(self) -> list[Example]:
         """This process's share of the held-out rows (every P-th row), encoded once."""
         ds = open_dataset(self.config.eval_data)
@@ -164,7 +175,7 @@ class _Run:
         tokens = _sum(sum(b.num_targets for b in batches), device)
         loss_sum = 0.0
         for batch in batches:
-            loss = token_loss_sum(self.model, batch, self.acc.autocast)
+            loss = token_loss_sum(self.model, batch, self.autocast)
             self.acc.backward(loss / tokens)  # global-token mean after the gradient sum
             loss_sum += float(loss.detach())
         _all_reduce_grads(self.params)
@@ -179,11 +190,13 @@ class _Run:
         config, device = self.config, self.acc.device
         self.model.eval()
         total, tokens = loss_totals(self.model, self.encoder, self.eval_examples, config.eval_batch_size,
-                                    self.acc.autocast)
+                                    self.autocast)
         record = {"step": step, "eval_loss": _sum(total, device) / _sum(tokens, device),
                   "n": int(_sum(len(self.eval_examples), device))}
         if config.eval_exact_match:
-            hits = exact_match_hits(self.model, self.eval_examples, config.eval_max_tokens, config.eval_batch_size)
+            longest = max((len(e.input_ids) - e.prompt_len for e in self.eval_examples), default=0)  # response + EOS
+            max_tokens = config.eval_max_tokens or int(_max(longest, device)) + 1
+            hits = exact_match_hits(self.model, self.eval_examples, max_tokens, config.eval_batch_size)
             record["exact_match"] = _sum(hits, device) / record["n"]
         self.model.train()
         return record
@@ -200,8 +213,10 @@ def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = Non
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    # without cpu=True accelerate ignores a torchrun/launch environment on machines with no GPU (gloo)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if config.dtype == "bf16" else "no")
+    # without cpu=True accelerate ignores a torchrun/launch environment on machines with no GPU (gloo).
+    # Mixed precision is our own autocast (_Run.autocast): accelerate's setting is process-global and
+    # could not change between two train() calls in one process.
+    acc = Accelerator(cpu=not torch.cuda.is_available())
     run = _Run(config, acc)
     progress = Progress()
     if config.resume:
