@@ -118,6 +118,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    import os
+    # stdout carries exactly one JSON line; vLLM logs to stdout unless told otherwise (its workers inherit this)
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     with _handled("eval") as status:
         from .evaluation import evaluate, metrics_line
         config = EvalConfig(backend=args.backend, batch_size=args.batch_size, max_tokens=args.max_tokens,

@@ -95,7 +95,7 @@ def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike, config: EvalConfi
                     for e in chunk]
         outs = pipe.generate_completions(requests, sampling)
         hits += sum(is_exact(o[0].text, e.response) for o, e in zip(outs, chunk))
-    metrics = {"n": len(examples), "exact_match": hits / len(examples), "backend": pipe.backend.name,
+    metrics = {"n": len(examples), "exact_match": hits / len(examples), "backend": getattr(pipe.backend, "name", config.backend),
                "max_tokens": max_tokens}
     if config.loss and model is not None:
         total, tokens = loss_totals(model, encoder, examples, config.batch_size)

@@ -121,6 +121,8 @@ class _Run:
         self.encoder = RowEncoder.from_model(self.model)
         self.ds = open_dataset(config.data, streaming=config.streaming)
         self.encoder.check_columns(column_names(self.ds))
+        if not config.streaming and len(self.ds) == 0:
+            raise DataError(f"{config.data}: the dataset has no rows")
         self.eval_examples = self._eval_examples() if config.eval_data else None
         processes = accelerator.num_processes
         self.total = config.max_steps or config.epochs * steps_per_epoch(len(self.ds), config, processes)
