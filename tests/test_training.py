@@ -70,13 +70,23 @@ def first_moments(out) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------- training runs
 
-def test_train_stops_at_a_bad_row_and_names_it(qwen3_ckpt, tmp_path):
+def test_train_stops_at_a_bad_row_and_names_it(qwen3_ckpt, tmp_path, capsys):
     rows = make_rows(8)
     rows[5] = {"prompt": "x <|m1|>", "response": "y", "items": {"m1": [np.zeros((2, 33))]}}
     write_parquet(rows, tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"^row 5: modality 'm1' item 0: wrong last dimension, expected 32, "
                                         r"got shape \(2, 33\)"):
         train(cfg(qwen3_ckpt, tmp_path / "bad.parquet", tmp_path / "out"))
+
+    import argparse
+
+    from mmfuse.training.cli import add_train_args, run_train
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    args = p.parse_args([str(qwen3_ckpt), str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "cli"),
+                         "--stage", "1", "--max-steps", "2", "--no-shuffle"])
+    assert run_train(args) == 1
+    assert "mmfuse train: error: row 5: modality 'm1' item 0: wrong last dimension" in capsys.readouterr().err
 
 
 def test_stage1_trains_projectors_only_and_exports_a_checkpoint(qwen3_ckpt, color_data, tmp_path):
@@ -93,7 +103,8 @@ def test_stage1_trains_projectors_only_and_exports_a_checkpoint(qwen3_ckpt, colo
     index = json.loads((out / INDEX_FILE).read_text())["weight_map"]
     assert set(index.values()) == {p.name for p in out.glob("*.safetensors")} == \
         {"model.safetensors", "mm_projectors.safetensors"}
-    assert (out / "train_state" / "step_00000002" / "trainable.safetensors").exists()
+    trained = load_file(str(out / "train_state" / "step_00000002" / "trainable.safetensors"))
+    assert trained and all(k.startswith("mm_projectors.") for k in trained)  # the optimiser never saw the LM
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["step"] for r in metrics["history"]] == [1, 2, 3] and (out / "loss_curve.png").stat().st_size > 0
     model = load(out)  # the HF backend opens it with the trained projectors
