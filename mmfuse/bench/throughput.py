@@ -172,7 +172,7 @@ def plot(result: dict, path: Path) -> None:
     for name, color in (("vllm", "tab:blue"), ("hf", "tab:orange")):
         rows = result[name]["batches"]
         ax[0].plot([r["batch"] for r in rows], [r["out_tok_s"] for r in rows], "o-", color=color, label=name)
-    ax[0].set(xscale="log", yscale="log", xlabel="batch (4 items/prompt)", ylabel="output tok/s (32 tokens)",
+    ax[0].set(xscale="log", yscale="log", xlabel="batch (4 items/prompt)", ylabel=f"output tok/s ({result['config']['out_tokens']} tokens)",
               title="(a) end-to-end by batch size")
     ax[0].set_xticks(result["config"]["batches"], [str(b) for b in result["config"]["batches"]])
     ax[0].legend()
@@ -184,7 +184,7 @@ def plot(result: dict, path: Path) -> None:
               color=["tab:gray", "tab:blue"])
     ax[2].set(ylabel="output tok/s", title=f"(c) vllm items / text = {iv['ratio']:.3f}")
     fr = result["fractions"]
-    labels = ["prefill b32\nvs GEMM", "decode b1\nvs bandwidth"]
+    labels = [f"prefill b{fr['vllm']['prefill_batch']}\nvs GEMM", "decode b1\nvs read bandwidth"]
     for k, (name, color) in enumerate((("vllm", "tab:blue"), ("hf", "tab:orange"))):
         ax[3].bar([x + 0.4 * k for x in range(2)], [fr[name]["prefill_fraction"], fr[name]["decode_fraction"]],
                   0.4, color=color, label=name)
