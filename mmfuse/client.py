@@ -1,0 +1,46 @@
+"""Client helpers for ``mmfuse serve``: embedding content parts for the official ``openai`` package.
+
+Needs only numpy (no torch), so it runs wherever the client runs::
+
+    from openai import OpenAI
+    from mmfuse.client import embedding_part
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Describe "}, embedding_part(clip_vector, "vision")]}])
+
+The ``openai`` package types ``content`` parts for its own kinds only; extra
+kinds pass through unchanged as plain dicts (its ``extra_body`` does the same
+for ``multimodal_embeddings`` on ``/v1/completions``).
+"""
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+
+DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+
+
+def encode_embedding(array, dtype: str = "float32") -> dict:
+    """``{"dtype", "shape", "data"}``: ``array`` (``(dim,)`` or ``(n, dim)``) as base64 of little-endian bytes.
+
+    ``bfloat16`` rounds to nearest even, as torch does; it halves the bytes on the wire.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if hasattr(array, "detach"):  # a torch tensor, without importing torch
+        array = array.detach().float().cpu().numpy()
+    arr = np.ascontiguousarray(array, dtype=np.float32)
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"array: expected shape (dim,) or (n, dim), got {arr.shape}")
+    if dtype == "bfloat16":
+        bits = arr.view(np.uint32).astype(np.uint64)
+        raw = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
+    else:
+        raw = arr.astype(DTYPES[dtype]).tobytes()
+    return {"dtype": dtype, "shape": list(arr.shape), "data": base64.b64encode(raw).decode("ascii")}
+
+
+def embedding_part(array, modality: str, dtype: str = "float32") -> dict:
+    """A chat ``content`` part carrying ``array`` for ``modality``: it stands where the placeholder would."""
+    return {"type": "input_embedding", "modality": modality, "embedding": encode_embedding(array, dtype)}

@@ -1,0 +1,79 @@
+"""The FastAPI app: routes that parse, hand the request to ``app.state.serving``, and answer.
+
+Parsing is pydantic's (``protocol``), validation and generation the serving
+object's (``serving``), answer formats ``responses``'. Middleware, outermost
+first: metrics (every answer counted and timed), guards (API key, body size).
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from . import errors
+from . import protocol as P
+from .guards import Guards
+from .metrics import MetricsMiddleware
+from .responses import chat_chunks, chat_response, completion_chunks, completion_response
+from .serving import Serving
+from .settings import ServerSettings
+
+ERRORS = {status: {"model": P.ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(serving: Serving, settings: ServerSettings) -> FastAPI:
+    """An app serving ``serving``'s engine; its lifespan end drains and closes the engine."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await serving.shutdown()  # uvicorn has already let in-flight requests finish
+
+    app = FastAPI(title="mmfuse", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible text generation with named embedding modalities")
+    app.state.serving = serving
+    app.state.settings = settings
+    metrics = serving.metrics
+    errors.install(app, metrics.error)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if serving.closing:
+            return errors.error_response(503, "shutting down", code="shutting_down")
+        return JSONResponse({"status": "ok", "in_flight": serving.in_flight})
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=P.ModelList, responses=ERRORS)
+    async def models() -> P.ModelList:
+        return serving.models()
+
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=ERRORS)
+    async def chat(req: P.ChatCompletionRequest, request: Request):
+        job = serving.check_chat(req)
+        model, tok = settings.served_model_name, serving.engine.tokenizer
+        if job.stream:
+            first = metrics.first_token.labels(endpoint="/v1/chat/completions").observe
+            return StreamingResponse(chat_chunks(job, await serving.stream(job), model, tok, first),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        return chat_response(job, await serving.generate(job), model, tok)
+
+    @app.post("/v1/completions", response_model=P.CompletionResponse, responses=ERRORS)
+    async def completions(req: P.CompletionRequest, request: Request):
+        job = serving.check_completion(req)
+        model, tok = settings.served_model_name, serving.engine.tokenizer
+        if job.stream:
+            first = metrics.first_token.labels(endpoint="/v1/completions").observe
+            return StreamingResponse(completion_chunks(job, await serving.stream(job), model, tok, first),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        return completion_response(job, await serving.generate(job), model, tok)
+
+    routes = {r.path for r in app.routes}
+    app.add_middleware(Guards, settings=settings, on_error=metrics.error)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
+    return app

@@ -1,0 +1,125 @@
+"""The transformers engine: a worker thread that batches waiting requests.
+
+Requests wait in a FIFO. The worker takes everything waiting (up to
+``max_batch_size``), groups requests whose sampling settings are equal, and runs
+each group as one ``hf_backend.generate`` call (left-padded batch). Requests
+that arrive meanwhile form the next batch. One thread owns the model, so the
+event loop never blocks on a forward pass and seeds stay per batch.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import astuple, dataclass
+
+from ..inputs import PreparedPrompt, expand_token_ids
+from ..sampling import Completion, SamplingConfig
+from .engine import Delta, completion_deltas
+
+log = logging.getLogger("mmfuse.server")
+
+
+@dataclass
+class _Job:
+    prepared: PreparedPrompt
+    sampling: SamplingConfig
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+def _key(s: SamplingConfig) -> tuple:
+    return tuple(tuple(v) if isinstance(v, list) else v for v in astuple(s))
+
+
+class HFEngine:
+    """``HFBackend`` behind a batching queue (see module docstring)."""
+
+    name = "hf"
+
+    def __init__(self, backend, max_batch_size: int = 32):
+        self.backend = backend
+        # the event loop's own copy: a fast tokenizer is not to be shared with the worker thread
+        self.tokenizer = copy.deepcopy(backend.tokenizer)
+        self.specs = backend.specs
+        self.max_model_len = backend.model.max_len
+        self.max_batch_size = max_batch_size
+        self.batches_run = 0
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="mmfuse-batcher", daemon=True)
+        self._thread.start()
+
+    def prompt_length(self, prepared: PreparedPrompt) -> int:
+        model = self.backend.model
+        ids = self.tokenizer(prepared.text)["input_ids"]
+        return len(expand_token_ids(ids, prepared, self.specs, model.placeholder_ids, model.max_len))
+
+    async def generate(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> list[Completion]:
+        if sampling.greedy and sampling.n > 1:  # identical draws; transformers refuses n > 1 without sampling
+            (one,) = await self.generate(prepared, dataclasses.replace(sampling, n=1))
+            return [dataclasses.replace(one) for _ in range(sampling.n)]
+        loop = asyncio.get_running_loop()
+        job = _Job(prepared, sampling, loop.create_future(), loop)
+        self._jobs.put(job)
+        return await job.future
+
+    async def stream(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> AsyncIterator[Delta]:
+        """Whole completions from the batch, released as per-token deltas (no incremental decoding here)."""
+        for i, completion in enumerate(await self.generate(prepared, sampling)):
+            for delta in completion_deltas(self.tokenizer, i, completion):
+                yield delta
+
+    async def close(self) -> None:
+        """Run every accepted request to the end, then stop the worker."""
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self.backend.close()
+
+    # -- worker thread ----------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch_size:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:  # finish this batch, then stop
+                    stopping = True
+                    break
+                batch.append(job)
+            groups: dict[tuple, list[_Job]] = {}
+            for job in batch:
+                groups.setdefault(_key(job.sampling), []).append(job)
+            for jobs in groups.values():
+                self._run(jobs)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            results = self.backend.generate([j.prepared for j in jobs], jobs[0].sampling)
+            self.batches_run += 1
+        except Exception as e:  # noqa: BLE001 - handed to each waiting request, the worker keeps going
+            log.exception("batch of %d failed", len(jobs))
+            for j in jobs:
+                j.loop.call_soon_threadsafe(_settle, j.future, None, e)
+            return
+        for j, completions in zip(jobs, results):
+            j.loop.call_soon_threadsafe(_settle, j.future, completions, None)
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():  # the client went away and the request was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,73 @@
+"""``mmfuse serve``: arguments -> ``ServerSettings`` -> engine -> app -> uvicorn.
+
+SIGTERM (or Ctrl-C): uvicorn stops accepting connections and waits up to
+``--graceful-shutdown`` seconds for in-flight requests, then the app's lifespan
+drains the engine; the process exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+
+from .settings import BACKENDS, ServerSettings
+
+log = logging.getLogger("mmfuse.server")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``mmfuse serve`` (one per ``ServerSettings`` field)."""
+    d = ServerSettings(model="-")
+    p.add_argument("model", metavar="CKPT", help="mmfuse checkpoint directory or hub id")
+    p.add_argument("--host", default=d.host, help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--backend", default=d.backend, choices=BACKENDS)
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: CKPT as given)")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this")
+    lim.add_argument("--max-items-per-modality", type=int, default=None,
+                     help="cap below each modality's own max_items")
+    lim.add_argument("--max-prompt-tokens", type=int, default=None, help="after items expand to soft tokens")
+    lim.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens")
+    lim.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    lim.add_argument("--max-n", type=int, default=d.max_n, help="completions per request")
+    lim.add_argument("--max-queue", type=int, default=d.max_queue, help="requests in flight; 429 beyond")
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                     help="most requests per batch (vLLM: max_num_seqs)")
+    eng.add_argument("--dtype", default=d.dtype)
+    eng.add_argument("--device", default=None, help="transformers backend device")
+    eng.add_argument("--max-model-len", type=int, default=None, help="vLLM backend context length")
+    eng.add_argument("--graceful-shutdown", dest="graceful_shutdown_s", type=float, default=d.graceful_shutdown_s,
+                     help="seconds in-flight requests get after SIGTERM")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    names = {f.name for f in dataclasses.fields(ServerSettings)}
+    return ServerSettings(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Build the engine, serve until SIGTERM/SIGINT, drain, return 0."""
+    import uvicorn
+
+    from .app import create_app
+    from .engine import make_engine
+    from .serving import Serving
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    engine = make_engine(settings)
+    app = create_app(Serving(engine, settings), settings)
+    log.info("serving %s (%s backend) on http://%s:%d", settings.served_model_name, engine.name, settings.host,
+             settings.port)
+    # uvicorn re-raises the signal it caught once it has shut down gracefully; with this handler in place
+    # that second delivery is a no-op, so a requested stop is a clean exit (status 0), not a kill
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=int(settings.graceful_shutdown_s), access_log=False)
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,103 @@
+"""OpenAI-style errors: ``{"error": {"message", "type", "param", "code"}}``, never a 500 for client input.
+
+Every way a request can be wrong (bad JSON, schema violations, input rules,
+limits, auth, routing) ends here as a 4xx whose ``param`` names the field.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from ..inputs import InputError
+
+log = logging.getLogger("mmfuse.server")
+
+# status -> OpenAI error type
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+         405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+         503: "service_unavailable_error", 500: "server_error"}
+
+
+class APIError(Exception):
+    """An error answer with its HTTP status; ``param`` names the offending request field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def _path(loc) -> str | None:
+    """``("body", "messages", 0, "content", "list[...]", 1, "EncodedEmbedding", "dtype")`` -> ``messages.0.content.1.dtype``.
+
+    Union branch labels (type names) are dropped; they are pydantic's, not the client's.
+    """
+    keep = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (
+        "[" in p or p[:1].isupper() or p in ("str", "int", "float", "bool", "none")))]
+    return ".".join(keep) or None
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The most specific schema error as (message, dotted field path).
+
+    With unions pydantic reports one error per branch; the deepest location is the branch the
+    client most likely meant (an embedding object with a bad dtype, not "content is not a string").
+    """
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    if any(e.get("type") == "json_invalid" for e in errors):
+        e = next(e for e in errors if e.get("type") == "json_invalid")
+        return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    best = max(errors, key=lambda e: len(e.get("loc", ())))
+    param = _path(best.get("loc", ()))
+    if param is None and best.get("type") in ("model_attributes_type", "dict_type"):
+        return "the body must be a JSON object", None
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return f"{param or 'body'}: {best.get('msg', 'invalid value')}{more}", param
+
+
+def install(app: FastAPI, on_error) -> None:
+    """Exception handlers; ``on_error(kind)`` counts each answer by kind (for /metrics)."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        on_error(exc.code or TYPES.get(exc.status, "error"))
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError):
+        on_error("input_error")
+        return error_response(400, str(exc), None, "input_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        message, param = validation_message(exc)
+        on_error("json_invalid" if param is None else "validation_error")
+        return error_response(400, message, param, "json_invalid" if param is None else "validation_error")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        on_error(f"http_{exc.status_code}")
+        message = "no such route" if exc.status_code == 404 else str(exc.detail)
+        return error_response(exc.status_code, f"{message}: {request.method} {request.url.path}",
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # a server bug: log it, say so, keep serving
+        log.exception("internal error on %s", request.url.path)
+        on_error("internal")
+        return error_response(500, f"internal server error ({type(exc).__name__})", code="internal")

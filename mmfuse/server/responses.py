@@ -1,0 +1,103 @@
+"""Completions and deltas -> OpenAI response bodies and SSE chunks (chat and text completions)."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from ..sampling import Completion
+from . import protocol as P
+from .engine import Delta
+from .serving import Job, sse, sse_error
+
+
+def _usage(job: Job, generated: int) -> P.Usage:
+    return P.Usage(prompt_tokens=job.prompt_tokens, completion_tokens=generated,
+                   total_tokens=job.prompt_tokens + generated)
+
+
+def _chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float] | None) -> P.ChoiceLogprobs | None:
+    if logprobs is None:
+        return None
+    content = []
+    for t, lp in zip(token_ids, logprobs):
+        s = tokenizer.decode([t])
+        content.append(P.TokenLogprob(token=s, logprob=lp, bytes=list(s.encode())))
+    return P.ChoiceLogprobs(content=content)
+
+
+def _text_logprobs(tokenizer, token_ids: list[int], logprobs: list[float] | None,
+                   offset: int = 0) -> P.CompletionLogprobs | None:
+    if logprobs is None:
+        return None
+    tokens = [tokenizer.decode([t]) for t in token_ids]
+    offsets = []
+    for s in tokens:
+        offsets.append(offset)
+        offset += len(s)
+    return P.CompletionLogprobs(tokens=tokens, token_logprobs=list(logprobs), text_offset=offsets)
+
+
+def chat_response(job: Job, completions: list[Completion], model: str, tokenizer) -> P.ChatCompletionResponse:
+    choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                            logprobs=_chat_logprobs(tokenizer, c.token_ids, c.logprobs))
+               for i, c in enumerate(completions)]
+    return P.ChatCompletionResponse(id=P.new_id("chatcmpl"), created=P.now(), model=model, choices=choices,
+                                    usage=_usage(job, sum(len(c.token_ids) for c in completions)))
+
+
+def completion_response(job: Job, completions: list[Completion], model: str, tokenizer) -> P.CompletionResponse:
+    choices = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
+                                  logprobs=_text_logprobs(tokenizer, c.token_ids, c.logprobs))
+               for i, c in enumerate(completions)]
+    return P.CompletionResponse(id=P.new_id("cmpl"), created=P.now(), model=model, choices=choices,
+                                usage=_usage(job, sum(len(c.token_ids) for c in completions)))
+
+
+async def chat_chunks(job: Job, deltas: AsyncIterator[Delta], model: str, tokenizer,
+                      on_first=None) -> AsyncIterator[str]:
+    """SSE: a role chunk per choice, content deltas, usage last when asked, then ``[DONE]``."""
+    rid, created, generated, start = P.new_id("chatcmpl"), P.now(), 0, time.perf_counter()
+
+    def chunk(choices, usage=None):
+        return sse(P.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
+
+    for i in range(job.sampling.n):
+        yield chunk([P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))])
+    try:
+        async for d in deltas:
+            if on_first is not None:
+                on_first(time.perf_counter() - start)
+                on_first = None
+            generated += len(d.token_ids)
+            yield chunk([P.ChatChunkChoice(index=d.index, delta=P.DeltaMessage(content=d.text),
+                                           finish_reason=d.finish_reason,
+                                           logprobs=_chat_logprobs(tokenizer, d.token_ids, d.logprobs))])
+    except Exception as e:  # noqa: BLE001 - headers are gone: report in-band, end the stream cleanly
+        yield sse_error(e)
+    else:
+        if job.include_usage:
+            yield chunk([], _usage(job, generated))
+    yield "data: [DONE]\n\n"
+
+
+async def completion_chunks(job: Job, deltas: AsyncIterator[Delta], model: str, tokenizer,
+                            on_first=None) -> AsyncIterator[str]:
+    rid, created, generated, start = P.new_id("cmpl"), P.now(), 0, time.perf_counter()
+    offsets = [0] * job.sampling.n
+    try:
+        async for d in deltas:
+            if on_first is not None:
+                on_first(time.perf_counter() - start)
+                on_first = None
+            generated += len(d.token_ids)
+            choice = P.CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
+                                        logprobs=_text_logprobs(tokenizer, d.token_ids, d.logprobs, offsets[d.index]))
+            offsets[d.index] += len(d.text)
+            yield sse(P.CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
+    except Exception as e:  # noqa: BLE001
+        yield sse_error(e)
+    else:
+        if job.include_usage:
+            yield sse(P.CompletionResponse(id=rid, created=created, model=model, choices=[],
+                                           usage=_usage(job, generated)))
+    yield "data: [DONE]\n\n"

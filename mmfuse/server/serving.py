@@ -1,0 +1,227 @@
+"""The serving object: validated OpenAI requests in, responses (or SSE chunks) out.
+
+Order of checks, cheapest first, before anything is queued: model name,
+sampling limits, item counts per modality (before any embedding is decoded),
+wire decoding, the shared input rules (``chat.render_messages`` and
+``inputs.prepare``), prompt length. Only then does a request take a slot in
+the engine (429 when the server already holds ``max_queue`` requests, 503 once
+it is shutting down).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+
+from pydantic import BaseModel
+
+from ..chat import render_messages
+from ..inputs import InputError, PreparedPrompt, prepare
+from ..sampling import Completion, SamplingConfig
+from . import protocol as P
+from .engine import Delta
+from .errors import APIError, error_body
+from .metrics import Metrics
+from .settings import ServerSettings
+from .wire import decode_embedding
+
+log = logging.getLogger("mmfuse.server")
+
+
+@dataclasses.dataclass
+class Job:
+    """One accepted request: what to generate and what the answer needs to know."""
+
+    prepared: PreparedPrompt
+    sampling: SamplingConfig
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+
+
+class Serving:
+    def __init__(self, engine, settings: ServerSettings, metrics: Metrics | None = None):
+        self.engine, self.settings = engine, settings
+        self.metrics = metrics or Metrics()
+        cap = settings.max_items_per_modality
+        # the server's item cap, applied through the shared input rules
+        self.specs = {n: dataclasses.replace(s, max_items=min(s.max_items, cap or s.max_items))
+                      for n, s in engine.specs.items()}
+        self.in_flight = 0
+        self.closing = False
+
+    # -- models -----------------------------------------------------------------------------------------
+
+    def models(self) -> P.ModelList:
+        cards = [P.ModalityCard(name=n, input_dim=s.input_dim, tokens_per_item=s.tokens_per_item,
+                                max_items=s.max_items, placeholder=s.placeholder, projector=s.projector)
+                 for n, s in self.specs.items()]
+        return P.ModelList(data=[P.ModelCard(id=self.settings.served_model_name, created=P.now(),
+                                             backend=self.engine.name, max_model_len=self.engine.max_model_len,
+                                             modalities=cards)])
+
+    # -- validation -------------------------------------------------------------------------------------
+
+    def _sampling(self, req: P.ChatCompletionRequest | P.CompletionRequest, max_tokens: int | None,
+                  logprobs: bool) -> SamplingConfig:
+        if req.model is not None and req.model != self.settings.served_model_name:
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves "
+                                f"{self.settings.served_model_name!r}", "model", "model_not_found")
+        limit = self.settings.max_tokens_limit
+        max_tokens = max_tokens or self.settings.default_max_tokens
+        if max_tokens > limit:
+            raise APIError(400, f"max_tokens: {max_tokens} exceeds this server's limit of {limit}", "max_tokens")
+        if req.n > self.settings.max_n:
+            raise APIError(400, f"n: {req.n} exceeds this server's limit of {self.settings.max_n}", "n")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise APIError(400, "stop: expected up to 4 non-empty strings", "stop")
+        return SamplingConfig(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                              seed=req.seed, stop=stop, n=req.n, logprobs=logprobs)
+
+    def _check_counts(self, counts: Mapping[str, int], param: str) -> None:
+        """Too many items is refused before any of them is decoded."""
+        for name, count in counts.items():
+            spec = self.specs.get(name)
+            if spec is not None and count > spec.max_items:
+                raise APIError(400, f"modality {name!r}: too many items, expected at most {spec.max_items}, "
+                                    f"got {count}", param, "too_many_items")
+
+    def _decode_map(self, embeddings: Mapping[str, list] | None, param: str) -> dict[str, list] | None:
+        if embeddings is None:
+            return None
+        self._check_counts({n: len(v) for n, v in embeddings.items()}, param)
+        return {n: [decode_embedding(f"{param}.{n}[{i}]", _plain(e)) for i, e in enumerate(v)]
+                for n, v in embeddings.items()}
+
+    def _finish(self, text: str, items, param: str, sampling: SamplingConfig, req) -> Job:
+        try:
+            prepared = prepare(text, items, self.specs)
+            length = self.engine.prompt_length(prepared)
+        except InputError as e:
+            raise APIError(400, str(e), param, "input_error") from None
+        if length == 0:
+            raise APIError(400, f"{param}: the prompt is empty (no text and no items)", param, "empty_prompt")
+        if self.settings.max_prompt_tokens and length > self.settings.max_prompt_tokens:
+            raise APIError(400, f"prompt too long: {length} tokens (items count as their soft tokens), this "
+                                f"server takes at most {self.settings.max_prompt_tokens}", param, "prompt_too_long")
+        if length + sampling.max_tokens > self.engine.max_model_len:
+            raise APIError(400, f"max_tokens: the prompt has {length} tokens, so at most "
+                                f"{self.engine.max_model_len - length} more fit in the model's "
+                                f"{self.engine.max_model_len}; asked for {sampling.max_tokens}", "max_tokens")
+        for name, its in prepared.items.items():
+            self.metrics.items.labels(modality=name).inc(len(its))
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Job(prepared, sampling, length, req.stream, usage)
+
+    def check_chat(self, req: P.ChatCompletionRequest) -> Job:
+        sampling = self._sampling(req, req.max_completion_tokens or req.max_tokens, req.logprobs)
+        counts: dict[str, int] = {}
+        for msg in req.messages:
+            for part in msg.content if isinstance(msg.content, list) else []:
+                if isinstance(part, P.EmbeddingPart):
+                    counts[part.modality] = counts.get(part.modality, 0) + 1
+        self._check_counts(counts, "messages")
+        messages = [{"role": m.role, "content": self._content(i, m.content)} for i, m in enumerate(req.messages)]
+        try:
+            extra = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
+            text, items = render_messages(messages, self.engine.tokenizer, self.specs, extra)
+        except InputError as e:
+            raise APIError(400, str(e), "messages", "input_error") from None
+        return self._finish(text, items, "messages", sampling, req)
+
+    def _content(self, i: int, content) -> str | list | None:
+        if not isinstance(content, list):
+            return content
+        parts = []
+        for j, part in enumerate(content):
+            d = {"type": part.type}
+            if isinstance(part, P.TextPart):
+                d["text"] = part.text
+            else:
+                d["modality"] = part.modality
+                d["embedding"] = decode_embedding(f"messages[{i}].content[{j}].embedding", _plain(part.embedding))
+            parts.append(d)
+        return parts
+
+    def check_completion(self, req: P.CompletionRequest) -> Job:
+        sampling = self._sampling(req, req.max_tokens, req.logprobs is not None)
+        try:
+            items = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
+        except InputError as e:
+            raise APIError(400, str(e), "multimodal_embeddings", "input_error") from None
+        return self._finish(req.prompt, items, "prompt" if not items else "multimodal_embeddings", sampling, req)
+
+    # -- generation -------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if self.closing:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if self.in_flight >= self.settings.max_queue:
+            raise APIError(429, f"the server is at its limit of {self.settings.max_queue} requests in flight; "
+                                "retry later", code="queue_full")
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+
+    async def generate(self, job: Job) -> list[Completion]:
+        self._admit()
+        try:
+            completions = await self.engine.generate(job.prepared, job.sampling)
+        finally:
+            self._release()
+        self._count_tokens(job, sum(len(c.token_ids) for c in completions))
+        return completions
+
+    async def stream(self, job: Job) -> AsyncIterator[Delta]:
+        """Deltas of the job's choices; the slot is taken now (errors before the first byte) and held to the end."""
+        self._admit()
+
+        async def deltas():
+            generated = 0
+            try:
+                async for delta in self.engine.stream(job.prepared, job.sampling):
+                    generated += len(delta.token_ids)
+                    yield delta
+            finally:
+                self._release()
+                self._count_tokens(job, generated)
+        return deltas()
+
+    def _count_tokens(self, job: Job, generated: int) -> None:
+        self.metrics.prompt_tokens.inc(job.prompt_tokens)
+        self.metrics.generation_tokens.inc(generated)
+
+    async def shutdown(self) -> None:
+        """Refuse new requests, let accepted ones finish, stop the engine."""
+        self.closing = True
+        while self.in_flight:
+            await asyncio.sleep(0.05)
+        await self.engine.close()
+
+
+def _plain(value):
+    return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+def sse(payload: BaseModel | dict | str) -> str:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump_json(exclude_none=False)
+    elif isinstance(payload, dict):
+        payload = json.dumps(payload)
+    return f"data: {payload}\n\n"
+
+
+def sse_error(e: Exception) -> str:
+    log.exception("stream failed")
+    return sse(error_body(500, f"generation failed ({type(e).__name__})", code="internal"))
+
+
+def elapsed_since(start: float) -> float:
+    return time.perf_counter() - start

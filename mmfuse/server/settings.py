@@ -1,0 +1,50 @@
+"""Server settings: one typed dataclass, validated once, shared by the app, the guards and the engines."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+@dataclass
+class ServerSettings:
+    """What ``mmfuse serve`` serves and the limits it enforces on each request."""
+
+    model: str  # checkpoint directory or hub id
+    served_model_name: str | None = None  # the id clients send as `model`; None = `model` as given
+    backend: str = "auto"  # auto: vLLM when importable, else transformers
+    host: str = "127.0.0.1"  # loopback by default: exposing a server is an explicit choice
+    port: int = 8000
+    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer KEY`
+    # request limits (each one answers with a 4xx, never by running out of memory)
+    max_body_bytes: int = 16 * 2**20  # 413 above this; 16 MiB = 4M float32 values
+    max_items_per_modality: int | None = None  # server cap below each modality's own max_items
+    max_prompt_tokens: int | None = None  # after items expand to soft tokens; None = model length only
+    max_tokens_limit: int = 2048  # largest max_tokens a request may ask for
+    default_max_tokens: int = 64  # when a request gives none
+    max_n: int = 8  # completions per request
+    max_queue: int = 256  # requests waiting or running; 429 beyond
+    # engine
+    max_batch_size: int = 32  # transformers backend: most requests generated as one batch
+    dtype: str = "float32"  # fp32 on CPU: bf16 matmuls are far slower there
+    device: str | None = None  # transformers backend; None = cuda if available else cpu
+    max_model_len: int | None = None  # vLLM backend; None = the model's own
+    graceful_shutdown_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
+        positive = ("port", "max_body_bytes", "max_tokens_limit", "default_max_tokens", "max_n", "max_queue",
+                    "max_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_items_per_modality", "max_prompt_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be >= 1 or unset, got {value}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
+                             f"({self.max_tokens_limit})")
+        if self.served_model_name is None:
+            self.served_model_name = str(self.model)
