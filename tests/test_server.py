@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmfuse.bench.serve_load import make_bodies, run_load, start_server, wire_body
+from mmfuse.bench.serve_load import launch_server, make_bodies, run_load, start_server
 from mmfuse.client import embedding_part, encode_embedding
 from mmfuse.pipeline import MultimodalPipeline
 
@@ -261,18 +261,19 @@ def test_schema_fuzz_finds_no_5xx(server):
 
 # -- concurrency, metrics, shutdown ------------------------------------------------------------------------
 
+def _local(path: str, body: dict) -> dict:
+    """The offline pipeline's request for a load-test body (raw arrays instead of wire encodings)."""
+    if path == "/v1/completions":
+        return {"text": body["prompt"], "multimodal_data": {"multimodal_embeddings": body["_items"]}}
+    (text_part, _), m1 = body["messages"][0]["content"], body["_items"]["m1"][0]
+    return {"messages": [{"role": "user", "content": [
+        text_part, {"type": "input_embedding", "modality": "m1", "embedding": m1}]}]}
+
+
 def test_concurrent_clients_get_their_own_answers(server, offline):
     """8 clients x 10 requests (chat/completions, streamed or not): each answer is its own request's offline answer."""
     bodies = make_bodies({"m1": 32, "m2": 16}, 16, MAX_TOKENS, seed=1)
-    expected = []
-    for path, body in bodies:
-        if path == "/v1/completions":
-            expected.append(greedy(offline, {"text": body["prompt"],
-                                             "multimodal_data": {"multimodal_embeddings": body["_items"]}}))
-        else:
-            (text_part, _), m1 = body["messages"][0]["content"], body["_items"]["m1"][0]
-            expected.append(greedy(offline, {"messages": [{"role": "user", "content": [
-                text_part, {"type": "input_embedding", "modality": "m1", "embedding": m1}]}]}))
+    expected = [greedy(offline, _local(path, body)) for path, body in bodies]
     assert len(set(expected)) == len(expected), "distinct requests should give distinct answers"
     result = asyncio.run(run_load(server.url, KEY, "tiny-qwen3", bodies, expected, clients=8, per_client=10))
     assert result.errors == [] and result.ok == 80
@@ -298,7 +299,7 @@ def test_metrics_count_requests_tokens_items_and_errors(server, client):
 def test_sigterm_lets_the_running_request_finish_and_exits_0(qwen3_ckpt, offline, tmp_path):
     srv = start_server(qwen3_ckpt, "--backend", "hf", "--max-tokens-limit", "1000", log=tmp_path / "log",
                        api_key=KEY)
-    body = {"model": str(qwen3_ckpt), "prompt": "count", "max_tokens": 600, "temperature": 0, "n": 4}
+    body = {"model": str(qwen3_ckpt), "prompt": "count", "max_tokens": 500, "temperature": 0}
     answer: dict = {}
 
     def ask():
@@ -317,5 +318,57 @@ def test_sigterm_lets_the_running_request_finish_and_exits_0(qwen3_ckpt, offline
     t.join(300)
     assert srv.proc.wait(120) == 0, srv.log.read_text()[-3000:]
     assert answer["status"] == 200 and answer["done"] > signalled
-    assert answer["body"]["choices"][0]["text"] == greedy(offline, {"text": "count"}, max_tokens=600)
+    assert answer["body"]["choices"][0]["text"] == greedy(offline, {"text": "count"}, max_tokens=500)
     assert "Waiting for" in srv.log.read_text() or "Shutting down" in srv.log.read_text()
+
+
+# -- the vLLM backend ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def vllm_pair(qwen3_ckpt, tmp_path_factory):
+    """A vLLM-backed server and, built while it starts, an offline vLLM pipeline on the same checkpoint."""
+    pytest.importorskip("vllm")
+    srv = launch_server(qwen3_ckpt, "--backend", "vllm", "--max-model-len", "1024", "--served-model-name", "tiny-qwen3",
+                        log=tmp_path_factory.mktemp("vllm_server") / "server.log", api_key=KEY)
+    try:
+        pipe = MultimodalPipeline(qwen3_ckpt, backend="vllm", max_model_len=1024)
+        srv.wait_ready(400)
+    except BaseException:
+        srv.stop()
+        raise
+    yield srv, pipe
+    pipe.close()
+    assert srv.stop(120) == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.mark.vllm
+def test_vllm_server_equals_offline_vllm_pipeline(vllm_pair):
+    """Chat and completions, streamed and not, single and concurrent: each equals the offline vLLM answer."""
+    srv, pipe = vllm_pair
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    assert client.models.list().data[0].backend == "vllm"
+    wire, local = _chat_case("bfloat16", "float32")
+    expected = greedy(pipe, local)
+    kw = dict(model="tiny-qwen3", messages=wire, max_tokens=MAX_TOKENS, temperature=0)
+    assert client.chat.completions.create(**kw).choices[0].message.content == expected
+    chunks = client.chat.completions.create(**kw, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    a, b = vec(3, 32), vec(4, 2, 16)
+    prompt = "first <|m1|> then <|sensor|> end"
+    expected = greedy(pipe, {"text": prompt, "multimodal_data": {"multimodal_embeddings": {"m1": [a], "m2": [b]}}})
+    kw = dict(model="tiny-qwen3", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, n=2,
+              extra_body={"multimodal_embeddings": {"m1": [a.tolist()], "m2": [encode_embedding(b)]}})
+    assert [c.text for c in client.completions.create(**kw).choices] == [expected, expected]
+    streamed = {0: "", 1: ""}
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == {0: expected, 1: expected}
+    # engine-side refusals are 400s too, and the engine keeps serving
+    with pytest.raises(openai.BadRequestError, match="wrong last dimension"):
+        client.completions.create(model="tiny-qwen3", prompt="x", max_tokens=2,
+                                  extra_body={"multimodal_embeddings": {"m2": [vec(1, 32).tolist()]}})
+    bodies = make_bodies({"m1": 32, "m2": 16}, 8, MAX_TOKENS, seed=2)
+    refs = [greedy(pipe, _local(path, body)) for path, body in bodies]
+    result = asyncio.run(run_load(srv.url, KEY, "tiny-qwen3", bodies, refs, clients=8, per_client=4))
+    assert result.errors == [] and result.ok == 32

@@ -49,34 +49,42 @@ class ServerProcess:
     url: str
     log: Path
 
+    def wait_ready(self, timeout: float = 300) -> "ServerProcess":
+        """Wait for ``/health``; raises with the server's log if it exits or does not come up."""
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.proc.kill()
+        raise RuntimeError(f"server did not answer /health in {timeout}s:\n{self.log.read_text()[-4000:]}")
+
     def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit status (0 after a graceful shutdown)."""
         if self.proc.poll() is None:
             self.proc.terminate()
         return self.proc.wait(timeout)
 
 
-def start_server(ckpt, *args: str, log: Path, api_key: str = KEY, timeout: float = 300) -> ServerProcess:
-    """Start a server and wait for ``/health``; raises with the server's log if it does not come up."""
-    import httpx
-
+def launch_server(ckpt, *args: str, log: Path, api_key: str = KEY) -> ServerProcess:
+    """Start a server without waiting for it (``wait_ready`` does)."""
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "mmfuse.server", str(ckpt), "--port", str(port), "--api-key", api_key, *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return ServerProcess(proc, url, log)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server did not answer /health in {timeout}s:\n{log.read_text()[-4000:]}")
+    return ServerProcess(proc, f"http://127.0.0.1:{port}", log)
+
+
+def start_server(ckpt, *args: str, log: Path, api_key: str = KEY, timeout: float = 300) -> ServerProcess:
+    return launch_server(ckpt, *args, log=log, api_key=api_key).wait_ready(timeout)
 
 
 # -- workload -----------------------------------------------------------------------------------------------

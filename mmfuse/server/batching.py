@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import logging
 import queue
 import threading
@@ -59,9 +58,6 @@ class HFEngine:
         return len(expand_token_ids(ids, prepared, self.specs, model.placeholder_ids, model.max_len))
 
     async def generate(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> list[Completion]:
-        if sampling.greedy and sampling.n > 1:  # identical draws; transformers refuses n > 1 without sampling
-            (one,) = await self.generate(prepared, dataclasses.replace(sampling, n=1))
-            return [dataclasses.replace(one) for _ in range(sampling.n)]
         loop = asyncio.get_running_loop()
         job = _Job(prepared, sampling, loop.create_future(), loop)
         self._jobs.put(job)

@@ -173,22 +173,42 @@ class Serving:
     async def generate(self, job: Job) -> list[Completion]:
         self._admit()
         try:
-            completions = await self.engine.generate(job.prepared, job.sampling)
+            completions = await self.engine.generate(job.prepared, _one_if_greedy(job.sampling))
+        except InputError as e:  # the engine's own parameter checks
+            raise APIError(400, str(e), None, "input_error") from None
         finally:
             self._release()
+        if len(completions) < job.sampling.n:  # greedy n > 1: identical copies
+            completions = [dataclasses.replace(completions[0]) for _ in range(job.sampling.n)]
         self._count_tokens(job, sum(len(c.token_ids) for c in completions))
         return completions
 
     async def stream(self, job: Job) -> AsyncIterator[Delta]:
-        """Deltas of the job's choices; the slot is taken now (errors before the first byte) and held to the end."""
+        """Deltas of the job's choices. The slot is taken and the first delta awaited here, so that
+        refusals are still HTTP errors; the slot is held until the last delta is sent."""
         self._admit()
+        source = self.engine.stream(job.prepared, _one_if_greedy(job.sampling))
+        copies = job.sampling.n if job.sampling.greedy else 1
+        try:
+            first = await anext(source)
+        except StopAsyncIteration:
+            first = None
+        except InputError as e:
+            self._release()
+            raise APIError(400, str(e), None, "input_error") from None
+        except BaseException:
+            self._release()
+            raise
 
         async def deltas():
             generated = 0
             try:
-                async for delta in self.engine.stream(job.prepared, job.sampling):
-                    generated += len(delta.token_ids)
-                    yield delta
+                if first is None:
+                    return
+                async for delta in _prepend(first, source):
+                    generated += len(delta.token_ids) * copies
+                    for i in range(copies):
+                        yield dataclasses.replace(delta, index=i) if copies > 1 else delta
             finally:
                 self._release()
                 self._count_tokens(job, generated)
@@ -204,6 +224,17 @@ class Serving:
         while self.in_flight:
             await asyncio.sleep(0.05)
         await self.engine.close()
+
+
+def _one_if_greedy(sampling: SamplingConfig) -> SamplingConfig:
+    """Greedy draws are identical, and neither backend takes n > 1 without sampling: ask once, copy."""
+    return dataclasses.replace(sampling, n=1) if sampling.greedy and sampling.n > 1 else sampling
+
+
+async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    yield first
+    async for delta in rest:
+        yield delta
 
 
 def _plain(value):

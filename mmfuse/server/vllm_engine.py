@@ -7,14 +7,16 @@ for deltas, which vLLM detokenizes incrementally (stop strings held back).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 from ..checkpoint import read_config, resolve
 from ..config import MMFuseConfig
-from ..inputs import PreparedPrompt
+from ..inputs import InputError, PreparedPrompt
 from ..sampling import Completion, SamplingConfig
 from ..vllm_plugin.engine import check_prompt_length, placeholder_token_ids, to_completion, to_sampling_params, to_vllm_prompt
 from .engine import Delta
@@ -49,9 +51,17 @@ class VLLMEngine:
         return check_prompt_length(ids, prepared, self.specs, self.placeholder_ids, self.max_model_len)
 
     async def _outputs(self, prepared: PreparedPrompt, sampling: SamplingConfig, kind):
-        params = to_sampling_params(sampling)
-        params.output_kind = kind
-        async for out in self.engine.generate(self._request(prepared), params, request_id=uuid.uuid4().hex):
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            params = to_sampling_params(sampling)
+            params.output_kind = kind
+            outputs = self.engine.generate(self._request(prepared), params, request_id=uuid.uuid4().hex)
+            first = await anext(outputs)
+        except VLLMValidationError as e:  # a request vLLM refuses is the client's to fix
+            raise InputError(str(e)) from None
+        yield first
+        async for out in outputs:
             yield out
 
     async def generate(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> list[Completion]:
@@ -63,14 +73,27 @@ class VLLMEngine:
         return [to_completion(c, self.tokenizer, sampling) for c in sorted(final.outputs, key=lambda c: c.index)]
 
     async def stream(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> AsyncIterator[Delta]:
+        """vLLM's incremental text per choice; the last delta also carries what vLLM held back (a trailing
+        partial character), so the joined deltas equal the non-streamed text exactly."""
         from vllm.sampling_params import RequestOutputKind
 
+        sent: dict[int, str] = {}
+        tokens: dict[int, list[int]] = {}
         async for out in self._outputs(prepared, sampling, RequestOutputKind.DELTA):
             for c in out.outputs:
                 toks = list(c.token_ids)
                 lps = [step[t].logprob for t, step in zip(toks, c.logprobs)] if sampling.logprobs and c.logprobs else None
-                finish = None if c.finish_reason is None else ("length" if c.finish_reason == "length" else "stop")
-                yield Delta(c.index, c.text, toks, lps, finish)
+                text = c.text
+                sent[c.index] = sent.get(c.index, "") + text
+                tokens.setdefault(c.index, []).extend(toks)
+                finish = None
+                if c.finish_reason is not None:
+                    whole = SimpleNamespace(token_ids=tokens[c.index], logprobs=None, finish_reason=c.finish_reason)
+                    final = to_completion(whole, self.tokenizer, dataclasses.replace(sampling, logprobs=False))
+                    if final.text.startswith(sent[c.index]):
+                        text += final.text[len(sent[c.index]):]
+                    finish = final.finish_reason
+                yield Delta(c.index, text, toks, lps, finish)
 
     async def close(self) -> None:
         self.engine.shutdown()
