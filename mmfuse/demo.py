@@ -111,7 +111,7 @@ def _build_on_the_fly(ckpt: Path) -> None:
     if not script.exists():
         sys.exit(f"no demo checkpoint at {ckpt}, and no {script} to build one (run from a source checkout)")
     print(f"No trained demo checkpoint at {ckpt}.\nBuilding one now with {script} "
-          f"(tiny LM + projectors from scratch, about 10 minutes on 2 CPU cores)...", flush=True)
+          f"(tiny LM + projectors from scratch, about 3-5 minutes on 2 CPU cores)...", flush=True)
     subprocess.run([sys.executable, str(script), "--out", str(ckpt.parent)], check=True)
 
 
@@ -138,17 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Encoding {len(sentences)} sentences with MiniLM (sent: 1 x {EMBED_DIM}, tok: n x {EMBED_DIM})...",
           flush=True)
     items = encode(sentences)
-    options = {"max_model_len": 128} if backend == "vllm" else {}  # the LM's own limit; a small KV cache
-    pipe = MultimodalPipeline(ckpt, backend=backend, **options)
+    pipe = MultimodalPipeline(ckpt, backend=backend)
     outputs = pipe.generate([request(x) for x in items], max_tokens=24)
     print(f"\nbackend: {pipe.backend.name}    prompt: {PROMPT!r}  (the text is the same for every input)\n")
     width = max(len(s) for s in sentences)
     print(f"{'MiniLM input'.ljust(width)}  | {'model output'}")
     print(f"{'-' * width}--+-{'-' * width}")
-    for s, (x, out) in zip(sentences, zip(items, outputs)):
+    for s, x, out in zip(sentences, items, outputs):
         mark = "ok" if out.strip() == s.strip() else "differs"
         print(f"{s.ljust(width)}  | {out.strip()}   [{mark}, tok rows: {x['tok'][0].shape[0]}]")
-    close = getattr(pipe.backend, "close", None)
+    close = getattr(pipe.backend, "close", None)  # the vLLM backend: stop the engine's processes now
     if close:
         close()
     return 0

@@ -40,6 +40,7 @@ from demo_pretrain import PretrainConfig, pretrain  # noqa: E402
 
 from mmfuse import ModalitySpec, init_checkpoint  # noqa: E402
 from mmfuse import demo as task  # noqa: E402
+from mmfuse.checkpoint import read_config, write_config  # noqa: E402
 from mmfuse.training import TrainConfig, train, write_parquet  # noqa: E402
 
 # files of a trained checkpoint that ship; training state, metrics and plots stay in the work dir
@@ -65,7 +66,7 @@ class BuildConfig:
     projector: str = "mlp2x_gelu"
     stage1_epochs: int = 10
     stage1_lr: float = 2e-3
-    stage2_epochs: int = 15
+    stage2_epochs: int = 30  # held-out exact match is 1.0 by epoch 10; the rest widens the greedy margins
     stage2_lr: float = 5e-3  # LoRA on a 0.3M-parameter LM from scratch tolerates (and needs) a high rate
     lora_r: int = 16
     batch_size: int = 32
@@ -109,6 +110,10 @@ def ship(trained: Path, dest: Path) -> None:
     for f in sorted(trained.iterdir()):
         if f.is_file() and f.suffix in CKPT_SUFFIXES and f.name not in CKPT_SKIP:
             shutil.copy2(f, dest / f.name)
+    # transformers records the (temporary) directory the LM came from; it is no part of the model
+    config = read_config(dest)
+    config.pop("_name_or_path", None)
+    write_config(dest, config)
 
 
 def build(out: Path, work: Path, config: BuildConfig) -> dict:
@@ -116,7 +121,7 @@ def build(out: Path, work: Path, config: BuildConfig) -> dict:
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True)
     timings: dict[str, float] = {}
-    t = time.time()
+    t = started = time.time()
     train_sentences, heldout_sentences = task.split(config.seed, config.heldout)
     encoder = task.load_encoder()
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +139,7 @@ def build(out: Path, work: Path, config: BuildConfig) -> dict:
     s1 = stage(1, init, work / "stage1", work / "train.parquet", out / "heldout.parquet", config)
     s2 = stage(2, work / "stage1", work / "stage2", work / "train.parquet", out / "heldout.parquet", config)
     ship(work / "stage2", out / "ckpt")
+    timings["total"] = round(time.time() - started, 1)
     report = {"config": asdict(config), "train_rows": len(train_sentences), "heldout_rows": len(heldout_sentences),
               "timings_s": timings, "stage1": s1, "stage2": s2, "torch": torch.__version__,
               "threads": torch.get_num_threads()}

@@ -74,7 +74,7 @@ def exact(outputs: list[str], targets: list[str]) -> float:
 def _pipeline(ckpt: Path, backend: str):
     from mmfuse import MultimodalPipeline
 
-    return MultimodalPipeline(ckpt, backend=backend, **({"max_model_len": 128} if backend == "vllm" else {}))
+    return MultimodalPipeline(ckpt, backend=backend)
 
 
 def _close(pipe) -> None:
