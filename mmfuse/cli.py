@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_check_args(s)
     s.set_defaults(func=run_data_check)
 
+    from .server.cli import add_serve_args, run_serve
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with embedding content parts")
+    add_serve_args(s)
+    s.set_defaults(func=run_serve)
+
     s = sub.add_parser("bench", help="benchmarks: `mmfuse bench throughput --help`")
     s.add_argument("name", choices=sorted(BENCHMARKS))
     s.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
@@ -149,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-BENCHMARKS = {"throughput": "mmfuse.bench.throughput"}
+BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load"}
 
 
 def _bench(args: argparse.Namespace) -> int:
