@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .pipeline import MultimodalPipeline, vllm_available
 
-    hf_logging.disable_progress_bar()  # weight-loading bars would bury the table
+    hf_logging.disable_progress_bar()  # weight-loading bars and engine INFO logs would bury the table
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     backend = ("vllm" if vllm_available() else "hf") if args.backend == "auto" else args.backend
     print(f"Encoding {len(sentences)} sentences with MiniLM (sent: 1 x {EMBED_DIM}, tok: n x {EMBED_DIM})...",
