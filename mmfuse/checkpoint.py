@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -91,6 +91,18 @@ def load_projector_state(path: Path) -> dict[str, torch.Tensor]:
                 if key.startswith(PROJECTOR_PREFIX):
                     state[key[len(PROJECTOR_PREFIX):]] = st.get_tensor(key)
     return state
+
+
+def placeholder_token_ids(tokenizer, specs: Mapping[str, ModalitySpec]) -> dict[str, int]:
+    """{modality: id of its placeholder}; each placeholder must encode to exactly one token."""
+    ids = {}
+    for name, spec in specs.items():
+        enc = tokenizer.encode(spec.placeholder, add_special_tokens=False)
+        if len(enc) != 1:
+            raise ConfigError(f"modality {name!r}: placeholder {spec.placeholder} is not a single special token in "
+                              f"the tokenizer (encodes to {enc}); was the checkpoint made with `mmfuse init`?")
+        ids[name] = enc[0]
+    return ids
 
 
 def _resolve_specs(specs: Iterable[ModalitySpec], lm_hidden: int) -> dict[str, ModalitySpec]:

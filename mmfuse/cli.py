@@ -131,16 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .training.cli import (add_data_check_args, add_eval_args, add_train_args, run_data_check, run_eval,
                                run_train)
-    s = sub.add_parser("train", help="stage 1 (projectors) or stage 2 (LoRA / full) training")
-    add_train_args(s)
-    s.set_defaults(func=run_train)
-    s = sub.add_parser("eval", help="greedy exact match (and eval loss) on a dataset, one JSON line")
-    add_eval_args(s)
-    s.set_defaults(func=run_eval)
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    s = data.add_parser("check", help="validate a dataset against a checkpoint")
-    add_data_check_args(s)
-    s.set_defaults(func=run_data_check)
+    for group, name, text, add, run in (
+            (sub, "train", "stage 1 (projectors) or stage 2 (LoRA / full) training", add_train_args, run_train),
+            (sub, "eval", "greedy exact match (and eval loss) on a dataset, one JSON line", add_eval_args, run_eval),
+            (data, "check", "validate a dataset against a checkpoint", add_data_check_args, run_data_check)):
+        s = group.add_parser(name, help=text)
+        add(s)
+        s.set_defaults(func=run)
 
     from .server.cli import add_serve_args, run_serve
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with embedding content parts")

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import load_projector_state, read_config, resolve, save_projectors, write_config
+from .checkpoint import (load_projector_state, placeholder_token_ids, read_config, resolve, save_projectors,
+                         write_config)
 from .config import ConfigError, MMFuseConfig, wrapper_architecture
 from .inputs import InputError, Item, PreparedPrompt, expand_token_ids
 from .projectors import build_projectors
@@ -45,7 +46,7 @@ class MMFuseModel(nn.Module):
         self.mm_config = mm_config
         self.specs = mm_config.modalities
         self.mm_projectors = build_projectors(self.specs, lm.config.get_text_config().hidden_size)
-        self.placeholder_ids = {n: _single_token_id(tokenizer, s.placeholder, n) for n, s in self.specs.items()}
+        self.placeholder_ids = placeholder_token_ids(tokenizer, self.specs)
         self.max_len = lm.config.get_text_config().max_position_embeddings
         # generation_config.json may list more EOS ids than the tokenizer (Qwen3: <|im_end|>, <|endoftext|>)
         gen_eos = lm.generation_config.eos_token_id if lm.generation_config is not None else None
@@ -100,14 +101,6 @@ class MMFuseModel(nn.Module):
         config["mmfuse"] = self.mm_config.to_dict()
         write_config(out, config)
         save_projectors(self.mm_projectors, out)
-
-
-def _single_token_id(tokenizer, placeholder: str, name: str) -> int:
-    ids = tokenizer.encode(placeholder, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ConfigError(f"modality {name!r}: placeholder {placeholder} is not a single special token in the "
-                          f"tokenizer (encodes to {ids}); was the checkpoint made with `mmfuse init`?")
-    return ids[0]
 
 
 def load(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",

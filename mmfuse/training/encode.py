@@ -75,16 +75,14 @@ class RowEncoder:
         """From tokenizer and config only: checking a dataset needs no LM weights."""
         from transformers import AutoConfig, AutoTokenizer
 
-        from ..checkpoint import resolve
+        from ..checkpoint import placeholder_token_ids, resolve
         from ..config import MMFuseConfig
-        from ..hf_backend import _single_token_id
 
         path = resolve(path)
         hf_config = AutoConfig.from_pretrained(path)
         specs = MMFuseConfig.from_hf_config(hf_config).modalities
         tok = AutoTokenizer.from_pretrained(path)
-        ids = {n: _single_token_id(tok, s.placeholder, n) for n, s in specs.items()}
-        return cls(tok, specs, ids, hf_config.get_text_config().max_position_embeddings)
+        return cls(tok, specs, placeholder_token_ids(tok, specs), hf_config.get_text_config().max_position_embeddings)
 
     def check_columns(self, columns: list[str]) -> None:
         """Dataset-level checks: required columns present, every mm_ column a known modality."""

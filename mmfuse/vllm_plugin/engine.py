@@ -16,16 +16,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..checkpoint import read_config, resolve
+from ..checkpoint import placeholder_token_ids, read_config, resolve
 from ..config import MMFuseConfig, ModalitySpec
-from ..hf_backend import _single_token_id
 from ..inputs import InputError, PreparedPrompt, expand_token_ids
 from ..sampling import Completion, SamplingConfig, truncate_at_stop
-
-
-def placeholder_token_ids(tokenizer, specs: Mapping[str, ModalitySpec]) -> dict[str, int]:
-    """{modality: id of its placeholder token}; each placeholder must be one special token."""
-    return {n: _single_token_id(tokenizer, s.placeholder, n) for n, s in specs.items()}
 
 
 def check_prompt_length(ids: Sequence[int], prepared: PreparedPrompt, specs: Mapping[str, ModalitySpec],

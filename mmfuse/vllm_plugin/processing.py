@@ -31,7 +31,7 @@ from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalPr
                                         ProcessorInputs, PromptReplacement, PromptUpdate, TimingContext)
 
 from ..config import MMFuseConfig, ModalitySpec
-from ..hf_backend import _single_token_id
+from ..checkpoint import placeholder_token_ids
 from ..inputs import InputError, check_placeholder_counts, coerce_items, rows_of
 
 
@@ -88,8 +88,7 @@ class MMFuseProcessingInfo(BaseProcessingInfo):
 
     @cached_property
     def placeholder_ids(self) -> dict[str, int]:
-        tok = self.get_tokenizer()
-        return {n: _single_token_id(tok, s.placeholder, n) for n, s in self.specs.items()}
+        return placeholder_token_ids(self.get_tokenizer(), self.specs)
 
     def get_data_parser(self) -> MultiModalDataParser:
         return MMFuseDataParser(self.specs, expected_hidden_size=self._get_expected_hidden_size(),
