@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
 MAX_TOKENS = 12
 SERVER_ARGS = ("--max-body-bytes", str(256 * 1024), "--max-tokens-limit", "64", "--default-max-tokens", "16",
-               "--max-n", "4", "--max-queue", "64", "--served-model-name", "tiny-qwen3")
+               "--max-n", "4", "--max-queue", "64", "--served-model-name", "tiny-qwen3", "--torch-threads", "1")
 
 
 @pytest.fixture(scope="session")
@@ -294,6 +294,7 @@ def test_metrics_count_requests_tokens_items_and_errors(server, client):
     assert values["mmfuse_generation_tokens_total"] >= 2 and values["mmfuse_prompt_tokens_total"] >= 3
     assert values['mmfuse_errors_total{kind="json_invalid"}'] >= 1
     assert values['mmfuse_request_latency_seconds_count{endpoint="/v1/completions"}'] >= 2
+    assert values["mmfuse_batch_size_count"] >= 1 and values["mmfuse_batch_size_sum"] >= values["mmfuse_batch_size_count"]
 
 
 def test_sigterm_lets_the_running_request_finish_and_exits_0(qwen3_ckpt, offline, tmp_path):

@@ -18,12 +18,13 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="per client")
     p.add_argument("--distinct", type=int, default=64, help="distinct request bodies")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--server-args", default="", help="more `mmfuse serve` options, e.g. '--torch-threads 1'")
     p.add_argument("--work", default="/tmp/mmfuse-serve-load")
     p.add_argument("--out", default=None, help="JSON result file (default WORK/result.json)")
     args = p.parse_args(argv)
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url is None:
         ckpt = args.ckpt or _tiny_checkpoint(work)
         server = start_server(ckpt, "--backend", args.backend, "--max-queue", str(4 * args.clients),
-                              log=work / "server.log", api_key=args.api_key)
+                              *shlex.split(args.server_args), log=work / "server.log", api_key=args.api_key)
         url = server.url
     else:
         url = args.url.rstrip("/")

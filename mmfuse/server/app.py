@@ -6,6 +6,7 @@ first: metrics (every answer counted and timed), guards (API key, body size).
 """
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -55,22 +56,26 @@ def create_app(serving: Serving, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=ERRORS)
     async def chat(req: P.ChatCompletionRequest, request: Request):
+        start = time.perf_counter()
         job = serving.check_chat(req)
         model, tok = settings.served_model_name, serving.engine.tokenizer
         if job.stream:
-            first = metrics.first_token.labels(endpoint="/v1/chat/completions").observe
-            return StreamingResponse(chat_chunks(job, await serving.stream(job), model, tok, first),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            deltas = await serving.stream(job)  # returns once the first delta is ready
+            metrics.first_token.labels(endpoint="/v1/chat/completions").observe(time.perf_counter() - start)
+            return StreamingResponse(chat_chunks(job, deltas, model, tok), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
         return chat_response(job, await serving.generate(job), model, tok)
 
     @app.post("/v1/completions", response_model=P.CompletionResponse, responses=ERRORS)
     async def completions(req: P.CompletionRequest, request: Request):
+        start = time.perf_counter()
         job = serving.check_completion(req)
         model, tok = settings.served_model_name, serving.engine.tokenizer
         if job.stream:
-            first = metrics.first_token.labels(endpoint="/v1/completions").observe
-            return StreamingResponse(completion_chunks(job, await serving.stream(job), model, tok, first),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            deltas = await serving.stream(job)
+            metrics.first_token.labels(endpoint="/v1/completions").observe(time.perf_counter() - start)
+            return StreamingResponse(completion_chunks(job, deltas, model, tok), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
         return completion_response(job, await serving.generate(job), model, tok)
 
     routes = {r.path for r in app.routes}

@@ -13,6 +13,7 @@ import copy
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import astuple, dataclass
 
@@ -40,14 +41,14 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, backend, max_batch_size: int = 32):
+    def __init__(self, backend, max_batch_size: int = 32, on_batch=None):
         self.backend = backend
         # the event loop's own copy: a fast tokenizer is not to be shared with the worker thread
         self.tokenizer = copy.deepcopy(backend.tokenizer)
         self.specs = backend.specs
         self.max_model_len = backend.model.max_len
         self.max_batch_size = max_batch_size
-        self.batches_run = 0
+        self.on_batch = on_batch  # called with (requests, seconds) after each batch, from the worker thread
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="mmfuse-batcher", daemon=True)
         self._thread.start()
@@ -100,9 +101,11 @@ class HFEngine:
                 self._run(jobs)
 
     def _run(self, jobs: list[_Job]) -> None:
+        start = time.perf_counter()
         try:
             results = self.backend.generate([j.prepared for j in jobs], jobs[0].sampling)
-            self.batches_run += 1
+            if self.on_batch is not None:
+                self.on_batch(len(jobs), time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 - handed to each waiting request, the worker keeps going
             log.exception("batch of %d failed", len(jobs))
             for j in jobs:

@@ -39,6 +39,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                      help="most requests per batch (vLLM: max_num_seqs)")
     eng.add_argument("--dtype", default=d.dtype)
     eng.add_argument("--device", default=None, help="transformers backend device")
+    eng.add_argument("--torch-threads", type=int, default=None, help="transformers backend CPU threads")
     eng.add_argument("--max-model-len", type=int, default=None, help="vLLM backend context length")
     eng.add_argument("--graceful-shutdown", dest="graceful_shutdown_s", type=float, default=d.graceful_shutdown_s,
                      help="seconds in-flight requests get after SIGTERM")
@@ -55,12 +56,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .engine import make_engine
+    from .metrics import Metrics
     from .serving import Serving
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
-    engine = make_engine(settings)
-    app = create_app(Serving(engine, settings), settings)
+    metrics = Metrics()
+    engine = make_engine(settings, on_batch=metrics.batch)
+    app = create_app(Serving(engine, settings, metrics), settings)
     log.info("serving %s (%s backend) on http://%s:%d", settings.served_model_name, engine.name, settings.host,
              settings.port)
     # uvicorn re-raises the signal it caught once it has shut down gracefully; with this handler in place

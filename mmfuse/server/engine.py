@@ -51,8 +51,11 @@ def completion_deltas(tokenizer, index: int, completion: Completion) -> list[Del
     return out
 
 
-def make_engine(settings: ServerSettings):
-    """The engine for ``settings.backend`` (``auto``: vLLM when importable)."""
+def make_engine(settings: ServerSettings, on_batch=None):
+    """The engine for ``settings.backend`` (``auto``: vLLM when importable).
+
+    ``on_batch(requests, seconds)``: called after each transformers batch (vLLM batches per step itself).
+    """
     from ..pipeline import vllm_available
 
     backend = settings.backend
@@ -64,5 +67,8 @@ def make_engine(settings: ServerSettings):
                           max_num_seqs=settings.max_batch_size)
     from ..pipeline import HFBackend
     from .batching import HFEngine
+    if settings.torch_threads is not None:
+        import torch
+        torch.set_num_threads(settings.torch_threads)
     return HFEngine(HFBackend(settings.model, device=settings.device, dtype=settings.dtype),
-                    max_batch_size=settings.max_batch_size)
+                    max_batch_size=settings.max_batch_size, on_batch=on_batch)

@@ -19,10 +19,18 @@ class Metrics:
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.first_token = Histogram("mmfuse_time_to_first_token_seconds", "Streaming: time to the first chunk",
                                      ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("mmfuse_batch_size", "Requests per transformers batch", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.batch_seconds = Histogram("mmfuse_batch_seconds", "Transformers batch generation time", registry=r,
+                                       buckets=LATENCY_BUCKETS)
         self.in_flight = Gauge("mmfuse_requests_in_flight", "Requests queued or generating", registry=r)
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind=kind).inc()
+
+    def batch(self, requests: int, seconds: float) -> None:
+        self.batch_size.observe(requests)
+        self.batch_seconds.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

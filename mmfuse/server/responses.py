@@ -1,7 +1,6 @@
 """Completions and deltas -> OpenAI response bodies and SSE chunks (chat and text completions)."""
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 from ..sampling import Completion
@@ -53,10 +52,9 @@ def completion_response(job: Job, completions: list[Completion], model: str, tok
                                 usage=_usage(job, sum(len(c.token_ids) for c in completions)))
 
 
-async def chat_chunks(job: Job, deltas: AsyncIterator[Delta], model: str, tokenizer,
-                      on_first=None) -> AsyncIterator[str]:
+async def chat_chunks(job: Job, deltas: AsyncIterator[Delta], model: str, tokenizer) -> AsyncIterator[str]:
     """SSE: a role chunk per choice, content deltas, usage last when asked, then ``[DONE]``."""
-    rid, created, generated, start = P.new_id("chatcmpl"), P.now(), 0, time.perf_counter()
+    rid, created, generated = P.new_id("chatcmpl"), P.now(), 0
 
     def chunk(choices, usage=None):
         return sse(P.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
@@ -65,9 +63,6 @@ async def chat_chunks(job: Job, deltas: AsyncIterator[Delta], model: str, tokeni
         yield chunk([P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))])
     try:
         async for d in deltas:
-            if on_first is not None:
-                on_first(time.perf_counter() - start)
-                on_first = None
             generated += len(d.token_ids)
             yield chunk([P.ChatChunkChoice(index=d.index, delta=P.DeltaMessage(content=d.text),
                                            finish_reason=d.finish_reason,
@@ -80,15 +75,11 @@ async def chat_chunks(job: Job, deltas: AsyncIterator[Delta], model: str, tokeni
     yield "data: [DONE]\n\n"
 
 
-async def completion_chunks(job: Job, deltas: AsyncIterator[Delta], model: str, tokenizer,
-                            on_first=None) -> AsyncIterator[str]:
-    rid, created, generated, start = P.new_id("cmpl"), P.now(), 0, time.perf_counter()
+async def completion_chunks(job: Job, deltas: AsyncIterator[Delta], model: str, tokenizer) -> AsyncIterator[str]:
+    rid, created, generated = P.new_id("cmpl"), P.now(), 0
     offsets = [0] * job.sampling.n
     try:
         async for d in deltas:
-            if on_first is not None:
-                on_first(time.perf_counter() - start)
-                on_first = None
             generated += len(d.token_ids)
             choice = P.CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
                                         logprobs=_text_logprobs(tokenizer, d.token_ids, d.logprobs, offsets[d.index]))

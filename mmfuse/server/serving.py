@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping
 
 from pydantic import BaseModel
@@ -252,7 +251,3 @@ def sse(payload: BaseModel | dict | str) -> str:
 def sse_error(e: Exception) -> str:
     log.exception("stream failed")
     return sse(error_body(500, f"generation failed ({type(e).__name__})", code="internal"))
-
-
-def elapsed_since(start: float) -> float:
-    return time.perf_counter() - start

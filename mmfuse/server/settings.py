@@ -28,6 +28,8 @@ class ServerSettings:
     max_batch_size: int = 32  # transformers backend: most requests generated as one batch
     dtype: str = "float32"  # fp32 on CPU: bf16 matmuls are far slower there
     device: str | None = None  # transformers backend; None = cuda if available else cpu
+    torch_threads: int | None = None  # transformers on CPU; None = torch's default. 1 suits tiny models
+    # and shared machines, where idle OpenMP threads spin against other processes
     max_model_len: int | None = None  # vLLM backend; None = the model's own
     graceful_shutdown_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
 
@@ -39,7 +41,7 @@ class ServerSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("max_items_per_modality", "max_prompt_tokens", "max_model_len"):
+        for name in ("max_items_per_modality", "max_prompt_tokens", "max_model_len", "torch_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1 or unset, got {value}")

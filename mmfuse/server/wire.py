@@ -41,7 +41,7 @@ def decode_base64(where: str, dtype: str, shape: list[int], data: str) -> np.nda
         raise InputError(f"{where}.data: shape {shape} of {dtype} needs {expected} bytes, the base64 data "
                          + ("is not valid base64 (length not a multiple of 4)" if got < 0 else f"holds {got}"))
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = bytearray(base64.b64decode(data, validate=True))  # writable: torch.from_numpy wants that
     except (binascii.Error, ValueError) as e:
         raise InputError(f"{where}.data: invalid base64 ({e})") from None
     arr = np.frombuffer(raw, dtype=_NUMPY[dtype])
