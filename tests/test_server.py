@@ -27,7 +27,8 @@ openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
 MAX_TOKENS = 12
 SERVER_ARGS = ("--max-body-bytes", str(256 * 1024), "--max-tokens-limit", "64", "--default-max-tokens", "16",
-               "--max-n", "4", "--max-queue", "64", "--served-model-name", "tiny-qwen3", "--torch-threads", "1")
+               "--max-n", "4", "--max-queue", "64", "--served-model-name", "tiny-qwen3", "--torch-threads", "1",
+               "--max-prompt-tokens", "200", "--max-items-per-modality", "3")
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +69,8 @@ def test_models_lists_checkpoint_with_modalities(client):
     assert card.id == "tiny-qwen3"
     mods = {m["name"]: m for m in card.modalities}
     assert (mods["m1"]["input_dim"], mods["m2"]["input_dim"]) == (32, 16)
-    assert (mods["m2"]["tokens_per_item"], mods["m2"]["placeholder"], mods["m2"]["max_items"]) == (2, "<|sensor|>", 4)
+    assert (mods["m2"]["tokens_per_item"], mods["m2"]["placeholder"]) == (2, "<|sensor|>")
+    assert (mods["m1"]["max_items"], mods["m2"]["max_items"]) == (3, 3)  # --max-items-per-modality caps both
 
 
 def _chat_case(dtype_m1="float32", dtype_m2="float32"):
@@ -172,6 +174,9 @@ BAD = {  # name: (path, body or raw bytes, status, text the error must contain)
     "unknown dtype": ("chat", _chat(_part({"dtype": "float64", "shape": [32], "data": _b64(vec(1, 32), "<f8")})),
                       400, "dtype"),
     "too many items": ("chat", _chat(*[_part(vec(i, 16).tolist(), "m2") for i in range(5)]), 400, "too many items"),
+    "server item cap": ("completions", {"model": "tiny-qwen3", "prompt": "hi", "multimodal_embeddings": {
+        "m1": [vec(i, 32).tolist() for i in range(4)]}}, 400, "expected at most 3, got 4"),
+    "prompt tokens": ("chat", _chat(_part(encode_embedding(vec(1, 250, 32)))), 400, "this server takes at most 200"),
     "count mismatch": ("completions", {"model": "tiny-qwen3", "prompt": "<|m1|> and <|m1|>",
                                        "multimodal_embeddings": {"m1": [vec(1, 32).tolist()]}}, 400, "has no item"),
     "unknown part": ("chat", _chat({"type": "image_url", "image_url": {"url": "x"}}), 400, "messages.0.content.0"),
@@ -298,9 +303,9 @@ def test_metrics_count_requests_tokens_items_and_errors(server, client):
 
 
 def test_sigterm_lets_the_running_request_finish_and_exits_0(qwen3_ckpt, offline, tmp_path):
-    srv = start_server(qwen3_ckpt, "--backend", "hf", "--max-tokens-limit", "1000", log=tmp_path / "log",
-                       api_key=KEY)
-    body = {"model": str(qwen3_ckpt), "prompt": "count", "max_tokens": 500, "temperature": 0}
+    srv = start_server(qwen3_ckpt, "--backend", "hf", "--max-tokens-limit", "1000", "--max-queue", "1",
+                       "--torch-threads", "1", log=tmp_path / "log", api_key=KEY)
+    body = {"model": str(qwen3_ckpt), "prompt": "count", "max_tokens": 300, "temperature": 0}
     answer: dict = {}
 
     def ask():
@@ -314,12 +319,15 @@ def test_sigterm_lets_the_running_request_finish_and_exits_0(qwen3_ckpt, offline
     while httpx.get(f"{srv.url}/health").json()["in_flight"] == 0:  # wait until it is generating
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    busy = httpx.post(f"{srv.url}/v1/completions", json=body | {"max_tokens": 1},
+                      headers={"Authorization": f"Bearer {KEY}"})
+    assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"  # --max-queue 1
     signalled = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     t.join(300)
     assert srv.proc.wait(120) == 0, srv.log.read_text()[-3000:]
     assert answer["status"] == 200 and answer["done"] > signalled
-    assert answer["body"]["choices"][0]["text"] == greedy(offline, {"text": "count"}, max_tokens=500)
+    assert answer["body"]["choices"][0]["text"] == greedy(offline, {"text": "count"}, max_tokens=300)
     assert "Waiting for" in srv.log.read_text() or "Shutting down" in srv.log.read_text()
 
 
