@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 
 from .settings import BACKENDS, ServerSettings
@@ -22,7 +23,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="CKPT", help="mmfuse checkpoint directory or hub id")
     p.add_argument("--host", default=d.host, help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--api-key", default=os.environ.get("MMFUSE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MMFUSE_API_KEY; unset = open)")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS)
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: CKPT as given)")
     lim = p.add_argument_group("limits")
@@ -71,6 +73,6 @@ def run_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=int(settings.graceful_shutdown_s), access_log=False)
+                            timeout_graceful_shutdown=settings.graceful_shutdown_s, access_log=False)
     uvicorn.Server(config).run()
     return 0

@@ -96,7 +96,8 @@ class Serving:
         return {n: [decode_embedding(f"{param}.{n}[{i}]", _plain(e)) for i, e in enumerate(v)]
                 for n, v in embeddings.items()}
 
-    def _finish(self, text: str, items, param: str, sampling: SamplingConfig, req) -> Job:
+    def _finish(self, text: str, items, param: str, sampling: SamplingConfig, req,
+                explicit_max_tokens: bool) -> Job:
         try:
             prepared = prepare(text, items, self.specs)
             length = self.engine.prompt_length(prepared)
@@ -107,10 +108,16 @@ class Serving:
         if self.settings.max_prompt_tokens and length > self.settings.max_prompt_tokens:
             raise APIError(400, f"prompt too long: {length} tokens (items count as their soft tokens), this "
                                 f"server takes at most {self.settings.max_prompt_tokens}", param, "prompt_too_long")
-        if length + sampling.max_tokens > self.engine.max_model_len:
-            raise APIError(400, f"max_tokens: the prompt has {length} tokens, so at most "
-                                f"{self.engine.max_model_len - length} more fit in the model's "
-                                f"{self.engine.max_model_len}; asked for {sampling.max_tokens}", "max_tokens")
+        room = self.engine.max_model_len - length
+        if room < 1:
+            raise APIError(400, f"prompt too long: {length} tokens leave no room to generate in the model's "
+                                f"{self.engine.max_model_len}", param, "prompt_too_long")
+        if sampling.max_tokens > room:
+            if explicit_max_tokens:
+                raise APIError(400, f"max_tokens: the prompt has {length} tokens, so at most {room} more fit in "
+                                    f"the model's {self.engine.max_model_len}; asked for {sampling.max_tokens}",
+                               "max_tokens")
+            sampling = dataclasses.replace(sampling, max_tokens=room)  # the default shrinks to fit
         for name, its in prepared.items.items():
             self.metrics.items.labels(modality=name).inc(len(its))
         usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -124,13 +131,14 @@ class Serving:
                 if isinstance(part, P.EmbeddingPart):
                     counts[part.modality] = counts.get(part.modality, 0) + 1
         self._check_counts(counts, "messages")
-        messages = [{"role": m.role, "content": self._content(i, m.content)} for i, m in enumerate(req.messages)]
         try:
+            messages = [{"role": m.role, "content": self._content(i, m.content)} for i, m in enumerate(req.messages)]
             extra = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
             text, items = render_messages(messages, self.engine.tokenizer, self.specs, extra)
         except InputError as e:
             raise APIError(400, str(e), "messages", "input_error") from None
-        return self._finish(text, items, "messages", sampling, req)
+        return self._finish(text, items, "messages", sampling, req,
+                            (req.max_completion_tokens or req.max_tokens) is not None)
 
     def _content(self, i: int, content) -> str | list | None:
         if not isinstance(content, list):
@@ -152,7 +160,8 @@ class Serving:
             items = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
         except InputError as e:
             raise APIError(400, str(e), "multimodal_embeddings", "input_error") from None
-        return self._finish(req.prompt, items, "prompt" if not items else "multimodal_embeddings", sampling, req)
+        return self._finish(req.prompt, items, "prompt" if not items else "multimodal_embeddings", sampling, req,
+                            req.max_tokens is not None)
 
     # -- generation -------------------------------------------------------------------------------------
 

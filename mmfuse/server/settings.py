@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import ConfigError
+
 BACKENDS = ("auto", "hf", "vllm")
 
 
@@ -35,18 +37,18 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
+            raise ConfigError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
         positive = ("port", "max_body_bytes", "max_tokens_limit", "default_max_tokens", "max_n", "max_queue",
                     "max_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("max_items_per_modality", "max_prompt_tokens", "max_model_len", "torch_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name}: must be >= 1 or unset, got {value}")
+                raise ConfigError(f"{name}: must be >= 1 or unset, got {value}")
         if self.default_max_tokens > self.max_tokens_limit:
-            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
+            raise ConfigError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
                              f"({self.max_tokens_limit})")
         if self.served_model_name is None:
             self.served_model_name = str(self.model)

@@ -56,7 +56,9 @@ class VLLMEngine:
         try:
             params = to_sampling_params(sampling)
             params.output_kind = kind
-            outputs = self.engine.generate(self._request(prepared), params, request_id=uuid.uuid4().hex)
+            # render (multimodal processing included) off the event loop, as vLLM's own server does
+            (engine_input,) = await self.engine.renderer.render_cmpl_async([self._request(prepared)])
+            outputs = self.engine.generate(engine_input, params, request_id=uuid.uuid4().hex)
             first = await anext(outputs)
         except VLLMValidationError as e:  # a request vLLM refuses is the client's to fix
             raise InputError(str(e)) from None
