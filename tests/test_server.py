@@ -134,6 +134,12 @@ def test_logprobs_n_and_stop_match_offline(client, offline):
     out = client.completions.create(**kw, logprobs=0, n=2)
     assert [ch.text for ch in out.choices] == [ref.text, ref.text]
     np.testing.assert_allclose(out.choices[0].logprobs.token_logprobs, ref.logprobs, atol=1e-4)
+    chat = client.chat.completions.create(model="tiny-qwen3", max_tokens=MAX_TOKENS, temperature=0, logprobs=True,
+                                          messages=[{"role": "user", "content": [embedding_part(a, "m1")]}])
+    (chat_ref,) = offline.generate_completions(
+        {"messages": [{"role": "user", "content": [{"type": "input_embedding", "modality": "m1", "embedding": a}]}]},
+        SamplingConfig(max_tokens=MAX_TOKENS, logprobs=True))[0]
+    np.testing.assert_allclose([t.logprob for t in chat.choices[0].logprobs.content], chat_ref.logprobs, atol=1e-4)
     stop = ref.text[len(ref.text) // 2: len(ref.text) // 2 + 2]
     assert stop.strip(), ref.text
     cut = client.completions.create(**kw, stop=[stop])
