@@ -65,7 +65,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     best = max(errors, key=lambda e: len(e.get("loc", ())))
     param = _path(best.get("loc", ()))
     if param is None and best.get("type") in ("model_attributes_type", "dict_type"):
-        return "the body must be a JSON object", None
+        return "the body must be a JSON object, sent with Content-Type: application/json", None
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return f"{param or 'body'}: {best.get('msg', 'invalid value')}{more}", param
 
