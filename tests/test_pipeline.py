@@ -46,6 +46,7 @@ def test_bad_requests_name_the_field(pipe):
         pipe.generate({"prompt": "x"})
 
 
+@pytest.mark.vllm  # backend "auto": a vLLM engine per pipeline when vllm is installed
 def test_original_sketch_basic_example_through_both_import_names(qwen3_base, tmp_path, monkeypatch):
     """The sketch's Basic Example with a local base LM: new projectors, real generation."""
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path))
