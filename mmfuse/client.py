@@ -1,6 +1,6 @@
 """Client helpers for ``mmfuse serve``: embedding content parts for the official ``openai`` package.
 
-Needs only numpy (no torch), so it runs wherever the client runs::
+The encoding itself needs only numpy (a torch tensor is converted without importing torch)::
 
     from openai import OpenAI
     from mmfuse.client import embedding_part

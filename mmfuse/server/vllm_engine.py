@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
-from ..checkpoint import read_config, resolve
+from ..checkpoint import placeholder_token_ids, read_config, resolve
 from ..config import MMFuseConfig
 from ..inputs import InputError, PreparedPrompt
 from ..sampling import Completion, SamplingConfig
-from ..vllm_plugin.engine import check_prompt_length, placeholder_token_ids, to_completion, to_sampling_params, to_vllm_prompt
+from ..vllm_plugin.engine import check_prompt_length, to_completion, to_sampling_params, to_vllm_prompt
 from .engine import Delta
 
 
