@@ -78,6 +78,10 @@ def launch_server(ckpt, *args: str, log: Path, api_key: str = KEY) -> ServerProc
     """Start a server without waiting for it (``wait_ready`` does)."""
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # vLLM on CPU: a small KV cache and every core (the user's own settings win)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
     cmd = [sys.executable, "-m", "mmfuse.server", str(ckpt), "--port", str(port), "--api-key", api_key, *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": card["backend"], "max_tokens": args.max_tokens, "distinct_bodies": args.distinct,
         "distinct_expected": len(set(expected)), "server_exit_code": exit_code,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "command": "python -m mmfuse.bench.serve_load " + " ".join(argv if argv is not None else sys.argv[1:])}
+        "command": "python -m mmfuse.bench.serve_load " + shlex.join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out or work / "result.json")
     out.write_text(json.dumps(summary | {"first_errors": result.errors[:20]}, indent=2))
     print(json.dumps(summary, indent=2))
