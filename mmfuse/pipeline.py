@@ -1,6 +1,7 @@
 """``MultimodalPipeline``: one call for text + embeddings -> text, on either backend."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,7 +86,12 @@ class MultimodalPipeline:
     def generate_completions(self, inputs: Mapping | Sequence[Mapping], sampling: SamplingConfig) -> list[list[Completion]]:
         """Full records (text, token ids, finish reason, logprobs) for each input, ``n`` each."""
         batch = [inputs] if isinstance(inputs, Mapping) else list(inputs)
-        return self.backend.generate([self.prepare(r) for r in batch], sampling)
+        prompts = [self.prepare(r) for r in batch]
+        if sampling.greedy and sampling.n > 1:
+            # n greedy samples are n copies of one; neither transformers nor vLLM takes n > 1 greedily
+            once = self.backend.generate(prompts, dataclasses.replace(sampling, n=1))
+            return [[dataclasses.replace(c) for _ in range(sampling.n)] for [c] in once]
+        return self.backend.generate(prompts, sampling)
 
     def generate(self, inputs: Mapping | Sequence[Mapping], max_tokens: int | None = None, *,
                  max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,

@@ -17,7 +17,8 @@ def test_single_in_str_out_list_in_list_out(pipe):
     one = pipe.generate(req, max_tokens=8)
     assert isinstance(one, str)
     assert pipe.generate([req, req], max_new_tokens=8) == [one, one]
-    assert pipe.generate(req, max_tokens=8, temperature=0.8, seed=1, n=2).__len__() == 2
+    assert len(pipe.generate(req, max_tokens=8, temperature=0.8, seed=1, n=2)) == 2
+    assert pipe.generate(req, max_tokens=8, n=3) == [one] * 3  # greedy n: copies of the greedy answer
 
 
 def test_messages_with_embedding_parts_equal_text_with_placeholders(pipe):
