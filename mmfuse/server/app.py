@@ -54,29 +54,26 @@ def create_app(serving: Serving, settings: ServerSettings) -> FastAPI:
     async def models() -> P.ModelList:
         return serving.models()
 
-    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=ERRORS)
-    async def chat(req: P.ChatCompletionRequest, request: Request):
-        start = time.perf_counter()
-        job = serving.check_chat(req)
+    async def respond(job, endpoint: str, start: float, chunks, response):
+        """Stream SSE chunks or answer once; the two endpoints differ only in their formats."""
         model, tok = settings.served_model_name, serving.engine.tokenizer
         if job.stream:
             deltas = await serving.stream(job)  # returns once the first delta is ready
-            metrics.first_token.labels(endpoint="/v1/chat/completions").observe(time.perf_counter() - start)
-            return StreamingResponse(chat_chunks(job, deltas, model, tok), media_type="text/event-stream",
+            metrics.first_token.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+            return StreamingResponse(chunks(job, deltas, model, tok), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
-        return chat_response(job, await serving.generate(job), model, tok)
+        return response(job, await serving.generate(job), model, tok)
+
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=ERRORS)
+    async def chat(req: P.ChatCompletionRequest, request: Request):
+        start = time.perf_counter()
+        return await respond(serving.check_chat(req), "/v1/chat/completions", start, chat_chunks, chat_response)
 
     @app.post("/v1/completions", response_model=P.CompletionResponse, responses=ERRORS)
     async def completions(req: P.CompletionRequest, request: Request):
         start = time.perf_counter()
-        job = serving.check_completion(req)
-        model, tok = settings.served_model_name, serving.engine.tokenizer
-        if job.stream:
-            deltas = await serving.stream(job)
-            metrics.first_token.labels(endpoint="/v1/completions").observe(time.perf_counter() - start)
-            return StreamingResponse(completion_chunks(job, deltas, model, tok), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
-        return completion_response(job, await serving.generate(job), model, tok)
+        return await respond(serving.check_completion(req), "/v1/completions", start, completion_chunks,
+                             completion_response)
 
     routes = {r.path for r in app.routes}
     app.add_middleware(Guards, settings=settings, on_error=metrics.error)
