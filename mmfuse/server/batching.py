@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import astuple, dataclass
 
-from ..inputs import PreparedPrompt, expand_token_ids
+from ..inputs import PreparedPrompt
 from ..sampling import Completion, SamplingConfig
 from .engine import Delta, completion_deltas
 
@@ -54,9 +54,7 @@ class HFEngine:
         self._thread.start()
 
     def prompt_length(self, prepared: PreparedPrompt) -> int:
-        model = self.backend.model
-        ids = self.tokenizer(prepared.text)["input_ids"]
-        return len(expand_token_ids(ids, prepared, self.specs, model.placeholder_ids, model.max_len))
+        return len(self.backend.model.token_ids(prepared))
 
     async def generate(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> list[Completion]:
         loop = asyncio.get_running_loop()
