@@ -8,7 +8,7 @@ from typing import Any
 
 from .chat import render_messages
 from .inputs import InputError, PreparedPrompt, prepare
-from .sampling import Completion, SamplingConfig
+from .sampling import Completion, SamplingConfig, engine_sampling
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -86,12 +86,9 @@ class MultimodalPipeline:
     def generate_completions(self, inputs: Mapping | Sequence[Mapping], sampling: SamplingConfig) -> list[list[Completion]]:
         """Full records (text, token ids, finish reason, logprobs) for each input, ``n`` each."""
         batch = [inputs] if isinstance(inputs, Mapping) else list(inputs)
-        prompts = [self.prepare(r) for r in batch]
-        if sampling.greedy and sampling.n > 1:
-            # n greedy samples are n copies of one; neither transformers nor vLLM takes n > 1 greedily
-            once = self.backend.generate(prompts, dataclasses.replace(sampling, n=1))
-            return [[dataclasses.replace(c) for _ in range(sampling.n)] for [c] in once]
-        return self.backend.generate(prompts, sampling)
+        results = self.backend.generate([self.prepare(r) for r in batch], engine_sampling(sampling))
+        return [cs if len(cs) == sampling.n else [dataclasses.replace(cs[0]) for _ in range(sampling.n)]
+                for cs in results]
 
     def generate(self, inputs: Mapping | Sequence[Mapping], max_tokens: int | None = None, *,
                  max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,

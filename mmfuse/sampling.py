@@ -1,6 +1,7 @@
 """Sampling settings and completion records, the same for every backend."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -40,6 +41,12 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" or "length"
     logprobs: list[float] | None = None  # per generated token, when asked
+
+
+def engine_sampling(sampling: SamplingConfig) -> SamplingConfig:
+    """What to ask an engine for: greedy draws are identical, and neither transformers nor vLLM
+    takes n > 1 without sampling, so greedy n > 1 is asked once (callers copy the answer n times)."""
+    return dataclasses.replace(sampling, n=1) if sampling.greedy and sampling.n > 1 else sampling
 
 
 def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from ..chat import render_messages
 from ..inputs import InputError, PreparedPrompt, prepare
-from ..sampling import Completion, SamplingConfig
+from ..sampling import Completion, SamplingConfig, engine_sampling
 from . import protocol as P
 from .engine import Delta
 from .errors import APIError, error_body
@@ -181,7 +181,7 @@ class Serving:
     async def generate(self, job: Job) -> list[Completion]:
         self._admit()
         try:
-            completions = await self.engine.generate(job.prepared, _one_if_greedy(job.sampling))
+            completions = await self.engine.generate(job.prepared, engine_sampling(job.sampling))
         except InputError as e:  # the engine's own parameter checks
             raise APIError(400, str(e), None, "input_error") from None
         finally:
@@ -195,7 +195,7 @@ class Serving:
         """Deltas of the job's choices. The slot is taken and the first delta awaited here, so that
         refusals are still HTTP errors; the slot is held until the last delta is sent."""
         self._admit()
-        source = self.engine.stream(job.prepared, _one_if_greedy(job.sampling))
+        source = self.engine.stream(job.prepared, engine_sampling(job.sampling))
         copies = job.sampling.n if job.sampling.greedy else 1
         try:
             first = await anext(source)
@@ -232,11 +232,6 @@ class Serving:
         while self.in_flight:
             await asyncio.sleep(0.05)
         await self.engine.close()
-
-
-def _one_if_greedy(sampling: SamplingConfig) -> SamplingConfig:
-    """Greedy draws are identical, and neither backend takes n > 1 without sampling: ask once, copy."""
-    return dataclasses.replace(sampling, n=1) if sampling.greedy and sampling.n > 1 else sampling
 
 
 async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
