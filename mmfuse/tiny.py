@@ -12,6 +12,8 @@ from pathlib import Path
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PAD = "<|pad|>"  # make_base's tokenizers: a separate pad token at id 0, so EOS (id 1) has a real embedding row
+FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
 _CORPUS = """the quick brown fox jumps over the lazy dog while a small red cube sits left of a large blue sphere
 compare these two vectors and describe what they have in common describe the image the audio the protein
 hello world this is a tiny language model used for tests of multimodal fusion with named embeddings
@@ -19,18 +21,26 @@ one two three four five six seven eight nine ten green yellow purple orange blac
 """ * 4
 
 
-def make_tokenizer(out: str | os.PathLike, vocab_size: int = 512, corpus: str = _CORPUS):
-    """Train a byte-level BPE tokenizer with a chat template and save it to ``out``."""
+def make_tokenizer(out: str | os.PathLike, vocab_size: int = 512, corpus: str = _CORPUS, pad_token: str | None = None):
+    """Train a byte-level BPE tokenizer with a chat template and save it to ``out``.
+
+    ``pad_token=None`` (what the shipped demo was built with): ``<|endoftext|>`` is id 0 and
+    doubles as pad. transformers zeroes the pad row of a fresh embedding, so such a model's EOS
+    logit starts at exactly 0. With ``pad_token`` given, that token is id 0 and EOS is id 1,
+    a row like any other: random models can end by EOS and trained ones can learn to.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    specials = [pad_token, *SPECIALS] if pad_token else SPECIALS
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(corpus.splitlines(), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
+                                  pad_token=pad_token or "<|endoftext|>",
                                   chat_template=CHAT_TEMPLATE)
     tok.save_pretrained(out)
     return tok
@@ -39,30 +49,41 @@ def make_tokenizer(out: str | os.PathLike, vocab_size: int = 512, corpus: str = 
 def make_base(out: str | os.PathLike, family: str = "qwen3", hidden: int = 128, layers: int = 2, heads: int = 2,
               kv_heads: int = 1, intermediate: int = 256, vocab: int | None = None, max_len: int = 1024,
               tokenizer_vocab: int = 512, seed: int = 0, init_std: float = 0.1, tokenizer_dir=None) -> Path:
-    """Write a randomly initialised base causal LM (``qwen3`` or ``llama``) plus tokenizer to ``out``.
+    """Write a randomly initialised base causal LM (one of ``FAMILIES``) plus tokenizer to ``out``.
 
-    head_dim is ``hidden // heads`` (vLLM's CPU attention needs 64 or more).
+    head_dim is ``hidden // heads`` (vLLM's CPU attention needs 64 or more). The tokenizer made
+    here has a pad token of its own (``PAD``, id 0), so EOS is not 0 and its embedding row is not
+    zeroed; with ``tokenizer_dir`` the given tokenizer is used as it is.
     ``init_std`` is large so random logits are peaked and greedy choices are not near-ties.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3Config
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
+
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else make_tokenizer(out, tokenizer_vocab)
     if tokenizer_dir:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         tok.save_pretrained(out)
+    else:
+        tok = make_tokenizer(out, tokenizer_vocab, pad_token=PAD)
     vocab = vocab or (len(tok) + 63) // 64 * 64 + 64  # spare rows: placeholders need no resize
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=max_len,
                   initializer_range=init_std, bos_token_id=None, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, head_dim=hidden // heads)
+                  pad_token_id=tok.pad_token_id)
+    head_dim = dict(head_dim=hidden // heads)  # Qwen2Config has no head_dim field: it is hidden // heads there
     if family == "qwen3":
-        config = Qwen3Config(tie_word_embeddings=True, **common)
+        config = Qwen3Config(tie_word_embeddings=True, **common, **head_dim)
+    elif family == "qwen2":  # q/k/v projections with bias; no sliding window
+        config = Qwen2Config(tie_word_embeddings=True, use_sliding_window=False, sliding_window=None, **common)
     elif family == "llama":
-        config = LlamaConfig(tie_word_embeddings=False, **common)
-    else:
-        raise ValueError(f"family: expected 'qwen3' or 'llama', got {family!r}")
+        config = LlamaConfig(tie_word_embeddings=False, **common, **head_dim)
+    else:  # mistral: its default 4096-token sliding window is switched off (full attention, as llama)
+        config = MistralConfig(tie_word_embeddings=False, sliding_window=None, **common, **head_dim)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)

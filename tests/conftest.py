@@ -1,8 +1,12 @@
 """Session fixtures: tiny base LMs and mmfuse checkpoints, built once and loaded from disk.
 
-Checkpoint ``qwen3_ckpt``/``llama_ckpt`` modalities:
+Checkpoint ``{qwen3,qwen2,llama,mistral}_ckpt`` modalities:
   m1: 32-d vectors, mlp2x_gelu, 1 token per vector
   m2: 16-d vectors, linear, 2 tokens per vector, placeholder "<|sensor|>", max 4 items
+
+Their tokenizers have a pad token of their own (id 0) and EOS at id 1 (a real embedding row).
+
+The CI guard (skipped vllm/server tests fail the run under ``CI=true``) lives in ci_guard.py.
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from ci_guard import (  # noqa: E402,F401  (hooks: tests/ is on sys.path as this conftest's directory)
+    pytest_collection_modifyitems, pytest_collectreport, pytest_runtest_makereport, pytest_sessionfinish,
+    pytest_terminal_summary)
 from mmfuse import ModalitySpec, init_checkpoint  # noqa: E402
 from mmfuse.tiny import make_base  # noqa: E402
 
@@ -24,39 +31,84 @@ MODALITIES = [
     ModalitySpec(name="m1", input_dim=32),
     ModalitySpec(name="m2", input_dim=16, projector="linear", tokens_per_item=2, placeholder="<|sensor|>", max_items=4),
 ]
+FAMILIES = ("qwen3", "qwen2", "llama", "mistral")  # every base mmfuse supports
+SEEDS = {"qwen3": 0, "llama": 1, "qwen2": 2, "mistral": 3}
 
+
+# -- checkpoints --------------------------------------------------------------------------------------------
 
 def _fresh_specs():
     return [ModalitySpec(**vars(s)) for s in MODALITIES]
 
 
+def _base(family, tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp(f"{family}_base"), family=family, seed=SEEDS[family])
+
+
+def _ckpt(family, base, tmp_path_factory):
+    return init_checkpoint(base, tmp_path_factory.mktemp(f"{family}_ckpt"), _fresh_specs(), seed=SEEDS[family])
+
+
 @pytest.fixture(scope="session")
 def qwen3_base(tmp_path_factory):
-    return make_base(tmp_path_factory.mktemp("qwen3_base"), family="qwen3", seed=0)
+    return _base("qwen3", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qwen2_base(tmp_path_factory):
+    return _base("qwen2", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def llama_base(tmp_path_factory):
-    return make_base(tmp_path_factory.mktemp("llama_base"), family="llama", seed=1)
+    return _base("llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def mistral_base(tmp_path_factory):
+    return _base("mistral", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def qwen3_ckpt(qwen3_base, tmp_path_factory):
-    return init_checkpoint(qwen3_base, tmp_path_factory.mktemp("qwen3_ckpt"), _fresh_specs(), seed=0)
+    return _ckpt("qwen3", qwen3_base, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qwen2_ckpt(qwen2_base, tmp_path_factory):
+    return _ckpt("qwen2", qwen2_base, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def llama_ckpt(llama_base, tmp_path_factory):
-    return init_checkpoint(llama_base, tmp_path_factory.mktemp("llama_ckpt"), _fresh_specs(), seed=1)
+    return _ckpt("llama", llama_base, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def mistral_ckpt(mistral_base, tmp_path_factory):
+    return _ckpt("mistral", mistral_base, tmp_path_factory)
+
+
+def _load(path):
+    from mmfuse import load
+    return load(path)
 
 
 @pytest.fixture(scope="session")
 def qwen3_model(qwen3_ckpt):
-    from mmfuse import load
-    return load(qwen3_ckpt)
+    return _load(qwen3_ckpt)
+
+
+@pytest.fixture(scope="session")
+def qwen2_model(qwen2_ckpt):
+    return _load(qwen2_ckpt)
 
 
 @pytest.fixture(scope="session")
 def llama_model(llama_ckpt):
-    from mmfuse import load
-    return load(llama_ckpt)
+    return _load(llama_ckpt)
+
+
+@pytest.fixture(scope="session")
+def mistral_model(mistral_ckpt):
+    return _load(mistral_ckpt)
