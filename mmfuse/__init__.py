@@ -15,7 +15,7 @@ __all__ = ["init_checkpoint", "load", "ConfigError", "InputError", "MMFuseConfig
 def load(path_or_id, device="cpu", dtype=None):
     """Open a checkpoint with transformers: an ``MMFuseModel`` (LM + projectors + tokenizer)."""
     import torch
-    from .hf_backend import load as _load
+    from .backends.hf import load as _load
     return _load(path_or_id, device=device, dtype=dtype or torch.float32)
 
 

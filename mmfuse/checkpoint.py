@@ -10,6 +10,12 @@ Layout (a normal Hugging Face model directory, so vLLM opens it too)::
 
 Keeping projectors in their own file means a stage-1 update rewrites a few MB,
 never the LM, and ``init`` never holds a second copy of the base in memory.
+
+``open_checkpoint`` is the one reader of a checkpoint's metadata (specs,
+tokenizer, placeholder ids, lengths, EOS ids): both backends, the server and
+training take what they need from the ``Checkpoint`` it returns, and
+``Checkpoint.encode`` is the one place a prompt is tokenized and its
+placeholders expanded.
 """
 from __future__ import annotations
 
@@ -17,13 +23,15 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, MMFuseConfig, ModalitySpec, wrapper_architecture
+from .config import ConfigError, MMFuseConfig, ModalitySpec, base_architecture, wrapper_architecture
+from .inputs import EncodedPrompt, InputError, PreparedPrompt, encode_token_ids
 from .projectors import build_projectors
 
 PROJECTOR_FILE = "mm_projectors.safetensors"
@@ -103,6 +111,72 @@ def placeholder_token_ids(tokenizer, specs: Mapping[str, ModalitySpec]) -> dict[
                               f"the tokenizer (encodes to {enc}); was the checkpoint made with `mmfuse init`?")
         ids[name] = enc[0]
     return ids
+
+
+@dataclass
+class Checkpoint:
+    """Everything read from a checkpoint directory except weights: what backends, server and training share."""
+
+    path: Path
+    config: dict  # config.json as a dict (the base config plus the "mmfuse" section)
+    mm_config: MMFuseConfig
+    tokenizer: object  # a transformers tokenizer with every placeholder as a special token
+    placeholder_ids: dict[str, int]  # {modality: placeholder token id}
+    max_len: int  # the LM's max_position_embeddings
+    eos_token_ids: frozenset[int]  # tokenizer EOS plus generation_config.json's eos_token_id(s)
+    pad_token_id: int
+    bos_token_id: int | None = field(default=None)
+
+    @property
+    def specs(self) -> dict[str, ModalitySpec]:
+        return self.mm_config.modalities
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.get("text_config", self.config)["hidden_size"]
+
+    @property
+    def base_architecture(self) -> str:
+        return base_architecture((self.config.get("architectures") or ["?"])[0])
+
+    def encode(self, prepared: PreparedPrompt, max_len: int | None = None) -> EncodedPrompt:
+        """Tokenize a prepared prompt once and apply the placeholder rule on token ids.
+
+        ``max_len``: the most tokens the prompt may have after items expand (default the LM's
+        length); InputError when it does not fit, is empty, or placeholders and items disagree.
+        """
+        ids = self.tokenizer(prepared.text)["input_ids"]
+        return encode_token_ids(ids, prepared.items, self.specs, self.placeholder_ids,
+                                self.max_len if max_len is None else max_len, self.bos_token_id)
+
+
+def open_checkpoint(path_or_id: str | os.PathLike, tokenizer=None) -> Checkpoint:
+    """Read a checkpoint's config and tokenizer (no weights) and validate them.
+
+    ``tokenizer``: an already-loaded tokenizer for this checkpoint (skips loading one).
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve(path_or_id)
+    config = read_config(path)
+    mm_config = MMFuseConfig.from_hf_config(config)
+    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    text = config.get("text_config", config)
+    eos = {tok.eos_token_id}
+    gen_path = path / "generation_config.json"
+    # generation_config.json may list more EOS ids than the tokenizer (Qwen3: <|im_end|>, <|endoftext|>)
+    for source in (text, json.loads(gen_path.read_text()) if gen_path.exists() else {}):
+        value = source.get("eos_token_id")
+        eos |= set(value if isinstance(value, list) else [value])
+    bos = tok.bos_token_id
+    # a BOS the tokenizer adds by itself stays first when items are put before the text
+    adds_bos = bos is not None and tok("x")["input_ids"][:1] == [bos]
+    return Checkpoint(path=path, config=config, mm_config=mm_config, tokenizer=tok,
+                      placeholder_ids=placeholder_token_ids(tok, mm_config.modalities),
+                      max_len=text["max_position_embeddings"], eos_token_ids=frozenset(eos - {None}),
+                      pad_token_id=tok.pad_token_id, bos_token_id=bos if adds_bos else None)
 
 
 def _resolve_specs(specs: Iterable[ModalitySpec], lm_hidden: int) -> dict[str, ModalitySpec]:

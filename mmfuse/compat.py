@@ -15,7 +15,8 @@ from typing import Any
 
 from .checkpoint import init_checkpoint, read_config, resolve
 from .config import ConfigError, MMFuseConfig, ModalitySpec
-from .pipeline import MultimodalPipeline, vllm_available
+from .backends import select_backend
+from .pipeline import MultimodalPipeline
 
 
 def _cache_root() -> Path:
@@ -50,6 +51,6 @@ class MultimodalQwen3Pipeline(MultimodalPipeline):
 
     def __init__(self, model_name: str, modality_configs: dict[str, dict] | None = None,
                  device: str | None = None, backend: str = "auto", **options: Any):
-        if backend == "hf" or (backend == "auto" and not vllm_available()):
+        if select_backend(backend) == "hf":
             options["device"] = device
         super().__init__(checkpoint_for(model_name, modality_configs), backend=backend, **options)

@@ -130,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from .pipeline import MultimodalPipeline, vllm_available
+    from .backends import select_backend
+    from .pipeline import MultimodalPipeline
 
     hf_logging.disable_progress_bar()  # weight-loading bars and engine INFO logs would bury the table
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-    backend = ("vllm" if vllm_available() else "hf") if args.backend == "auto" else args.backend
+    backend = select_backend(args.backend)
     print(f"Encoding {len(sentences)} sentences with MiniLM (sent: 1 x {EMBED_DIM}, tok: n x {EMBED_DIM})...",
           flush=True)
     items = encode(sentences)

@@ -1,10 +1,11 @@
 """Input rules shared by every backend: item coercion, validation, placeholders.
 
 The data path starts here: ``text + {modality: [items]}`` becomes a
-``PreparedPrompt`` whose text holds exactly one placeholder per item, and whose
-items are float32 tensors shaped ``(n, input_dim)``. The transformers backend
-then expands each placeholder token to the item's row count itself; the vLLM
-plugin lets ``PromptReplacement`` do the same. Every user mistake raises
+``PreparedPrompt`` whose items are float32 tensors shaped ``(n, input_dim)``;
+once tokenized (``Checkpoint.encode``), ``encode_token_ids`` applies the
+placeholder rule on token ids and expands each placeholder to its item's rows,
+giving the ``EncodedPrompt`` every backend submits. vLLM's processor applies the
+same rule (``place_placeholder_ids``) to requests sent to ``vllm.LLM`` directly. Every user mistake raises
 ``InputError`` naming the modality, the item index, what was expected and what
 came, before anything reaches a model.
 """
@@ -93,24 +94,33 @@ def rows_of(spec: ModalitySpec, item: Item) -> int:
 
 @dataclass
 class PreparedPrompt:
-    """Text with one placeholder per item, and the validated items in placeholder order."""
+    """Prompt text and its validated items, per modality in placeholder order (not yet tokenized)."""
 
     text: str
     items: dict[str, list[Item]]
 
 
-def place_items(text: str, items: dict[str, list[Item]], specs: Mapping[str, ModalitySpec]) -> str:
-    """Check placeholder counts; with no placeholder at all, put the items before the text."""
-    counts = {name: text.count(spec.placeholder) for name, spec in specs.items()}
-    if not any(counts.values()):
-        return "".join(specs[n].placeholder * len(v) for n, v in items.items()) + text
-    check_placeholder_counts(counts, {n: len(v) for n, v in items.items()}, specs)
-    return text
+@dataclass
+class EncodedPrompt:
+    """A prompt as token ids, once: what every backend submits.
+
+    ``token_ids`` hold one placeholder id per item (what vLLM's processor takes and
+    expands itself); ``expanded_ids`` repeat each one per soft row of its item (what
+    the transformers backend feeds the LM). ``len(expanded_ids)`` is the prompt's length.
+    """
+
+    token_ids: list[int]
+    expanded_ids: list[int]
+    items: dict[str, list[Item]]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.expanded_ids)
 
 
 def check_placeholder_counts(found: Mapping[str, int], given: Mapping[str, int],
                              specs: Mapping[str, ModalitySpec]) -> None:
-    """Placeholders found in a prompt (text or token ids) must match the items given, per modality."""
+    """Placeholders found in a prompt's token ids must match the items given, per modality."""
     for name, spec in specs.items():
         n_given, n_found = given.get(name, 0), found.get(name, 0)
         if n_given > n_found:
@@ -121,36 +131,48 @@ def check_placeholder_counts(found: Mapping[str, int], given: Mapping[str, int],
                              f"(expected {n_found} items for {n_found} placeholders, got {n_given})")
 
 
+def place_placeholder_ids(ids: Sequence[int], given: Mapping[str, int], specs: Mapping[str, ModalitySpec],
+                          placeholder_ids: Mapping[str, int], bos_id: int | None = None) -> list[int]:
+    """The placeholder rule, on token ids (both backends and vLLM's processor use this one).
+
+    With no placeholder at all, the items go first (after a leading BOS), modalities in the
+    order given; otherwise the placeholders of each modality must match its items one to one.
+    """
+    ids = list(ids)
+    found = {n: ids.count(pid) for n, pid in placeholder_ids.items()}
+    if any(found.values()) or not any(given.values()):
+        check_placeholder_counts(found, given, specs)
+        return ids
+    start = 1 if ids and bos_id is not None and ids[0] == bos_id else 0
+    return ids[:start] + [placeholder_ids[n] for n, c in given.items() for _ in range(c)] + ids[start:]
+
+
 def prepare(text: str, embeddings: Mapping[str, object] | None, specs: Mapping[str, ModalitySpec]) -> PreparedPrompt:
-    """Validate one request: items first, then placeholder counts."""
+    """Validate one request's text type and items (placeholders are checked once tokenized)."""
     if not isinstance(text, str):
         raise InputError(f"text: expected a string, got {type(text).__name__}")
-    items = coerce_items(specs, embeddings)
-    return PreparedPrompt(text=place_items(text, items, specs), items=items)
+    return PreparedPrompt(text=text, items=coerce_items(specs, embeddings))
 
 
-def expand_token_ids(ids: Sequence[int], prompt: PreparedPrompt, specs: Mapping[str, ModalitySpec],
-                     placeholder_ids: Mapping[str, int], max_len: int) -> list[int]:
-    """Repeat each placeholder id once per soft row of its item and check the model's length limit."""
+def encode_token_ids(ids: Sequence[int], items: Mapping[str, list[Item]], specs: Mapping[str, ModalitySpec],
+                     placeholder_ids: Mapping[str, int], max_len: int, bos_id: int | None = None) -> EncodedPrompt:
+    """Apply the placeholder rule, expand each placeholder to its item's soft rows, check the length."""
+    items = {n: list(v) for n, v in items.items() if v}
+    ids = place_placeholder_ids(ids, {n: len(v) for n, v in items.items()}, specs, placeholder_ids, bos_id)
+    if not ids:
+        raise InputError("text: the prompt is empty (no text and no items); give some text or an item")
     by_id = {placeholder_ids[n]: n for n in specs}
     seen = {n: 0 for n in specs}
-    out: list[int] = []
+    expanded: list[int] = []
     for tok in ids:
         name = by_id.get(tok)
         if name is None:
-            out.append(tok)
+            expanded.append(tok)
             continue
-        i = seen[name]
-        if i >= len(prompt.items.get(name, [])):  # e.g. a chat template that adds placeholders of its own
-            raise InputError(f"{_where(name, i)}: placeholder token #{i} has no item after tokenization")
-        out.extend([tok] * rows_of(specs[name], prompt.items[name][i]))
-        seen[name] = i + 1
-    for name, got in seen.items():
-        if got != len(prompt.items.get(name, [])):
-            raise InputError(f"{_where(name, got)}: item has no placeholder token after tokenization "
-                             f"(is {specs[name].placeholder} a special token of the tokenizer?)")
-    if len(out) > max_len:
-        rows = {n: sum(rows_of(specs[n], t) for t in v) for n, v in prompt.items.items()}
-        raise InputError(f"prompt too long: {len(out)} tokens after expanding items into soft tokens "
+        expanded.extend([tok] * rows_of(specs[name], items[name][seen[name]]))
+        seen[name] += 1
+    if len(expanded) > max_len:
+        rows = {n: sum(rows_of(specs[n], t) for t in v) for n, v in items.items()}
+        raise InputError(f"prompt too long: {len(expanded)} tokens after expanding items into soft tokens "
                          f"(rows by modality {rows}), the model takes at most {max_len}")
-    return out
+    return EncodedPrompt(token_ids=ids, expanded_ids=expanded, items=items)

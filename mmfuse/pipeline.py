@@ -6,48 +6,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .backends import open_backend
 from .chat import render_messages
-from .inputs import InputError, PreparedPrompt, prepare
+from .inputs import EncodedPrompt, InputError, PreparedPrompt, prepare
 from .sampling import Completion, SamplingConfig, engine_sampling
-
-BACKENDS = ("auto", "hf", "vllm")
-
-
-def vllm_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("vllm") is not None
-
-
-class HFBackend:
-    """The transformers reference, behind the backend interface."""
-
-    name = "hf"
-
-    def __init__(self, model_path: str | os.PathLike, device: str | None = None, dtype: str = "float32"):
-        import torch
-        from .hf_backend import load
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load(model_path, device=device, dtype=getattr(torch, dtype))
-        self.tokenizer = self.model.tokenizer
-        self.specs = self.model.specs
-
-    def generate(self, prompts: Sequence[PreparedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
-        from .hf_backend import generate
-        return generate(self.model, prompts, sampling)
-
-    def close(self) -> None:
-        """Nothing to stop: the model is freed with this object."""
-
-
-def make_backend(model: str | os.PathLike, backend: str = "auto", **options: Any):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "vllm" if vllm_available() else "hf"
-    if backend == "vllm":
-        from .vllm_plugin.engine import VLLMBackend
-        return VLLMBackend(model, **options)
-    return HFBackend(model, **options)
 
 
 class MultimodalPipeline:
@@ -58,12 +20,13 @@ class MultimodalPipeline:
     ...                "multimodal_data": {"multimodal_embeddings": {"m1": [vec]}}}, max_tokens=32)
 
     ``backend``: ``"hf"`` (transformers), ``"vllm"``, or ``"auto"`` (vLLM when importable).
-    Backend options (``device``, ``dtype``; for vLLM also engine arguments such as
-    ``max_model_len``) are passed through to the backend.
+    Backend options are passed through: ``device``, ``dtype`` (both); for vLLM ``max_model_len``,
+    ``kv_cache_gb`` / ``gpu_memory_utilization``, ``tensor_parallel_size`` and any other
+    ``vllm.LLM`` argument.
     """
 
     def __init__(self, model: str | os.PathLike, backend: str = "auto", **options: Any):
-        self.backend = make_backend(model, backend, **options)
+        self.backend = open_backend(model, backend, **options)
         self.specs = self.backend.specs
         self.tokenizer = self.backend.tokenizer
 
@@ -83,10 +46,14 @@ class MultimodalPipeline:
             raise InputError("input: expected a 'text' or a 'messages' field")
         return prepare(text, embeddings, self.specs)
 
+    def encode(self, request: Mapping) -> EncodedPrompt:
+        """Validate and tokenize one request dict: what the backend runs."""
+        return self.backend.encode(self.prepare(request))
+
     def generate_completions(self, inputs: Mapping | Sequence[Mapping], sampling: SamplingConfig) -> list[list[Completion]]:
         """Full records (text, token ids, finish reason, logprobs) for each input, ``n`` each."""
         batch = [inputs] if isinstance(inputs, Mapping) else list(inputs)
-        results = self.backend.generate([self.prepare(r) for r in batch], engine_sampling(sampling))
+        results = self.backend.generate([self.encode(r) for r in batch], engine_sampling(sampling))
         return [cs if len(cs) == sampling.n else [dataclasses.replace(cs[0]) for _ in range(sampling.n)]
                 for cs in results]
 

@@ -38,7 +38,7 @@ def test_save_then_load_is_bit_identical(qwen3_ckpt, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     from mmfuse.inputs import prepare
     p = prepare("x <|m1|> y <|sensor|>", {"m1": [torch.randn(32)], "m2": [torch.randn(2, 16)]}, a.specs)
-    ids = torch.tensor([a.token_ids(p)])
+    ids = torch.tensor([a.encode(p).expanded_ids])
     with torch.no_grad():
         assert torch.equal(a(ids, p.items).logits, b(ids, p.items).logits)
 

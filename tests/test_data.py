@@ -105,7 +105,7 @@ def test_encoding_matches_inference_path(qwen3_model, mixed_data):
         row = ds[i]
         ex = enc.encode(row, i)
         items = {n: row[f"mm_{n}"] for n in ("m1", "m2") if row[f"mm_{n}"]}
-        prompt_ids = qwen3_model.token_ids(prepare(row["prompt"], items, qwen3_model.specs))
+        prompt_ids = qwen3_model.encode(prepare(row["prompt"], items, qwen3_model.specs)).expanded_ids
         response_ids = qwen3_model.tokenizer(row["response"], add_special_tokens=False)["input_ids"]
         assert ex.input_ids == prompt_ids + response_ids + [qwen3_model.tokenizer.eos_token_id]
         assert ex.labels == [IGNORE] * len(prompt_ids) + ex.input_ids[len(prompt_ids):]

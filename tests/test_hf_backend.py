@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse import InputError, SamplingConfig
-from mmfuse.hf_backend import generate
+from mmfuse.backends.hf import generate
 from mmfuse.inputs import prepare
 
 torch.manual_seed(0)
@@ -23,13 +23,13 @@ def manual_rows(model, name, item):
     return y.reshape(x.shape[0] * spec.tokens_per_item, -1)
 
 
-def manual_embeds(model, text, items):
+def manual_embeds(model, token_ids, items):
     """inputs_embeds built segment by segment: text embeddings, then an item's rows at each placeholder."""
     tok, emb = model.tokenizer, model.lm.get_input_embeddings()
     by_id = {pid: name for name, pid in model.placeholder_ids.items()}
     seen = {n: 0 for n in model.specs}
     parts = []
-    for t in tok(text)["input_ids"]:
+    for t in token_ids:
         if t in by_id:
             name = by_id[t]
             parts.append(manual_rows(model, name, items[name][seen[name]]))
@@ -54,13 +54,15 @@ CASES = [
 def test_fused_forward_equals_hand_built_inputs_embeds(request, family, label, text, items):
     model = request.getfixturevalue(f"{family}_model")
     p = prepare(text, items, model.specs)
-    ids = torch.tensor([model.token_ids(p)])
+    encoded = model.encode(p)
+    ids = torch.tensor([encoded.expanded_ids])
     fused = model(ids, p.items).logits
-    ref = model.lm(inputs_embeds=manual_embeds(model, p.text, p.items)).logits
+    ref = model.lm(inputs_embeds=manual_embeds(model, encoded.token_ids, p.items)).logits
     assert fused.shape == ref.shape
     assert (fused - ref).abs().max().item() < 1e-5
     if label.startswith("no placeholder"):
-        assert p.text.startswith("<|m1|><|sensor|>")
+        pid = model.placeholder_ids
+        assert encoded.token_ids[:2] == [pid["m1"], pid["m2"]]
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
@@ -72,6 +74,7 @@ def test_batch_with_different_item_counts_equals_each_alone(request, family):
             ("", {"m2": [V2[1], V2[2]], "m1": [torch.stack(V1)]})]
     prompts = [prepare(t, e, model.specs) for t, e in reqs]
     sampling = SamplingConfig(max_tokens=12, logprobs=True)
+    prompts = [model.encode(p) for p in prompts]
     together = generate(model, prompts, sampling)
     for p, batched in zip(prompts, together):
         alone = generate(model, [p], sampling)[0][0]
@@ -84,7 +87,7 @@ def test_changing_one_vector_changes_logits(qwen3_model):
     m = qwen3_model
     a = prepare("compare <|m1|> with <|m1|>", {"m1": [V1[0], V1[1]]}, m.specs)
     b = prepare("compare <|m1|> with <|m1|>", {"m1": [V1[0], V1[1] + 0.5]}, m.specs)
-    ids = torch.tensor([m.token_ids(a)])
+    ids = torch.tensor([m.encode(a).expanded_ids])
     la, lb = m(ids, a.items).logits[0, -1], m(ids, b.items).logits[0, -1]
     assert (la - lb).abs().max().item() > 1e-3
     same = m(ids, prepare("compare <|m1|> with <|m1|>", {"m1": [V1[0], V1[1]]}, m.specs).items).logits[0, -1]
@@ -92,7 +95,7 @@ def test_changing_one_vector_changes_logits(qwen3_model):
 
 
 def test_sampling_seed_n_and_stop(qwen3_model):
-    p = [prepare("<|m1|> tell me", {"m1": [V1[0]]}, qwen3_model.specs)]
+    p = [qwen3_model.encode(prepare("<|m1|> tell me", {"m1": [V1[0]]}, qwen3_model.specs))]
     s = SamplingConfig(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7, n=3)
     a, b = generate(qwen3_model, p, s)[0], generate(qwen3_model, p, s)[0]
     assert [c.token_ids for c in a] == [c.token_ids for c in b] and len(a) == 3
@@ -107,4 +110,4 @@ def test_prompt_too_long_is_an_input_error(qwen3_model):
     p = prepare("x", {"m1": [torch.randn(16, 32)] * 16}, qwen3_model.specs)
     p.text = p.text + " word" * 900
     with pytest.raises(InputError, match=r"prompt too long: .*'m1': 256.*at most 1024"):
-        qwen3_model.token_ids(p)
+        qwen3_model.encode(p)

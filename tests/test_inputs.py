@@ -4,9 +4,18 @@ import pytest
 import torch
 
 from mmfuse import InputError, ModalitySpec
-from mmfuse.inputs import coerce_items, prepare, rows_of
+from mmfuse.inputs import coerce_items, encode_token_ids, prepare, rows_of
 
 SPECS = {"m1": ModalitySpec("m1", 4), "m2": ModalitySpec("m2", 3, tokens_per_item=2, placeholder="<|s|>", max_items=2)}
+PIDS = {"m1": 100, "m2": 101}  # placeholder token ids
+WORD = {"a": 1, "b": 2, "first": 3, "then": 4, "and": 5, "describe": 6, "<|m1|>": 100, "<|s|>": 101}
+
+
+def encode(text: str, embeddings, bos=None, max_len=64):
+    """The placeholder rule on token ids, with a whitespace 'tokenizer' standing in for a real one."""
+    p = prepare(text, embeddings, SPECS)
+    ids = ([bos] if bos is not None else []) + [WORD[w] for w in text.split()]
+    return encode_token_ids(ids, p.items, SPECS, PIDS, max_len, bos)
 
 
 def test_item_forms_coerce_to_float32_2d():
@@ -52,20 +61,29 @@ def test_bad_items_raise_input_error_naming_modality_and_index(embeddings, needl
 ])
 def test_placeholder_count_mismatch(text, embeddings, needle):
     with pytest.raises(InputError) as e:
-        prepare(text, embeddings, SPECS)
+        encode(text, embeddings)
     assert needle in str(e.value)
 
 
 def test_placeholders_keep_text_and_items_in_order():
     a, b = np.full(4, 1.0), np.full(4, 2.0)
-    p = prepare("first <|m1|> then <|s|> and <|m1|>", {"m1": [a, b], "m2": [np.ones((2, 3))]}, SPECS)
-    assert p.text == "first <|m1|> then <|s|> and <|m1|>"
-    assert [t[0, 0].item() for t in p.items["m1"]] == [1.0, 2.0]
+    e = encode("first <|m1|> then <|s|> and <|m1|>", {"m1": [a, b], "m2": [np.ones((2, 3))]})
+    assert e.token_ids == [3, 100, 4, 101, 5, 100]
+    assert e.expanded_ids == [3, 100, 4] + [101] * 4 + [5, 100]  # (2, 3) item x 2 tokens per vector
+    assert [t[0, 0].item() for t in e.items["m1"]] == [1.0, 2.0]
 
 
 def test_no_placeholder_puts_items_before_text_in_given_order():
-    p = prepare("describe", {"m2": [np.ones(3)], "m1": [np.ones(4), np.ones(4)]}, SPECS)
-    assert p.text == "<|s|><|m1|><|m1|>describe"
+    embeddings = {"m2": [np.ones(3)], "m1": [np.ones(4), np.ones(4)]}
+    assert encode("describe", embeddings).token_ids == [101, 100, 100, 6]
+    assert encode("describe", embeddings, bos=0).token_ids == [0, 101, 100, 100, 6]  # after a leading BOS
+
+
+def test_empty_and_too_long_prompts():
+    with pytest.raises(InputError, match="the prompt is empty"):
+        encode("", None)
+    with pytest.raises(InputError, match=r"prompt too long: 9 tokens .*at most 8"):
+        encode("a <|s|>", {"m2": [np.ones((4, 3))]}, max_len=8)
 
 
 def test_text_only_and_non_string_text():

@@ -120,8 +120,8 @@ def test_completion_equals_offline(client, offline, stream):
     else:
         out = client.completions.create(**kw)
         assert out.choices[0].text == expected
-        assert out.usage.prompt_tokens == len(offline.backend.model.token_ids(offline.prepare(
-            {"text": prompt, "multimodal_data": {"multimodal_embeddings": {"m1": [a, c], "m2": [b]}}})))
+        assert out.usage.prompt_tokens == offline.encode(
+            {"text": prompt, "multimodal_data": {"multimodal_embeddings": {"m1": [a, c], "m2": [b]}}}).num_tokens
 
 
 def test_logprobs_n_and_stop_match_offline(client, offline):

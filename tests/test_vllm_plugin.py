@@ -15,11 +15,16 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from mmfuse import InputError, SamplingConfig  # noqa: E402
-from mmfuse.hf_backend import generate as hf_generate  # noqa: E402
+from mmfuse.backends.hf import generate as hf_generate  # noqa: E402
 from mmfuse.inputs import PreparedPrompt, prepare  # noqa: E402
 
 GREEDY = SamplingConfig(max_tokens=32, logprobs=True)
 LOGPROB_TOL = 1e-3
+
+
+def gen(backend, prompts, sampling):
+    """Encode (tokenize once, check) then generate, as MultimodalPipeline does."""
+    return backend.generate([backend.encode(p) for p in prompts], sampling)
 
 
 def vecs(seed: int, *shape: int) -> torch.Tensor:
@@ -48,7 +53,7 @@ PARITY_CASES = [
 
 @pytest.fixture(scope="session")
 def qwen3_vllm(qwen3_ckpt):
-    from mmfuse.vllm_plugin.engine import VLLMBackend
+    from mmfuse.backends.vllm import VLLMBackend
     # stats on: the prefix-cache test reads vLLM's own hit counter
     backend = VLLMBackend(qwen3_ckpt, max_model_len=1024, disable_log_stats=False)
     yield backend
@@ -57,7 +62,7 @@ def qwen3_vllm(qwen3_ckpt):
 
 @pytest.fixture(scope="session")
 def llama_vllm(llama_ckpt):
-    from mmfuse.vllm_plugin.engine import VLLMBackend
+    from mmfuse.backends.vllm import VLLMBackend
     backend = VLLMBackend(llama_ckpt, max_model_len=256)
     yield backend
     backend.close()
@@ -92,9 +97,9 @@ def test_greedy_parity_with_hf(request, family):
     backend = request.getfixturevalue(f"{family}_vllm")
     hf_model = request.getfixturevalue(f"{family}_model")
     prompts = [prepare(t, e, backend.specs) for t, e in PARITY_CASES]
-    got = backend.generate(prompts, GREEDY)  # all submitted together
+    got = gen(backend, prompts, GREEDY)  # all submitted together
     for (text, _), p, g in zip(PARITY_CASES, prompts, got):
-        ref = hf_generate(hf_model, [p], GREEDY)[0][0]
+        ref = hf_generate(hf_model, [hf_model.encode(p)], GREEDY)[0][0]
         assert len(g) == 1
         assert_same_completion(g[0], ref, where=f"{family}: {text!r}")
     assert sum(len(g[0].token_ids) for g in got) > 12 * 16  # generation really ran, not stopped at once
@@ -102,7 +107,7 @@ def test_greedy_parity_with_hf(request, family):
 
 def test_vllm_llm_generate_directly_with_tensors_and_lists(qwen3_vllm):
     """vLLM's own API on the checkpoint: items as (d,), (n, d), lists of them; no placeholder = items first."""
-    from mmfuse.vllm_plugin.engine import to_sampling_params
+    from mmfuse.backends.vllm import to_sampling_params
 
     cases = [("hello <|m1|> world", {"m1": vecs(30, 32)}),
              ("look <|m1|> here", {"m1": vecs(31, 3, 32)}),
@@ -110,11 +115,11 @@ def test_vllm_llm_generate_directly_with_tensors_and_lists(qwen3_vllm):
              ("describe these", {"m1": [vecs(35, 32)], "m2": [vecs(36, 16)]})]
     direct = qwen3_vllm.llm.generate([{"prompt": t, "multi_modal_data": e} for t, e in cases],
                                      to_sampling_params(GREEDY), use_tqdm=False)
-    ours = qwen3_vllm.generate([prepare(t, e, qwen3_vllm.specs) for t, e in cases], GREEDY)
+    ours = gen(qwen3_vllm, [prepare(t, e, qwen3_vllm.specs) for t, e in cases], GREEDY)
     for (text, _), d, o in zip(cases, direct, ours):
         assert list(d.outputs[0].token_ids) == o[0].token_ids, text
     # the no-placeholder prompt got its placeholders first: 1 row of m1, then 2 rows of m2
-    pid = qwen3_vllm.placeholder_ids
+    pid = qwen3_vllm.checkpoint.placeholder_ids
     assert direct[3].prompt_token_ids[:3] == [pid["m1"], pid["m2"], pid["m2"]]
 
 
@@ -165,12 +170,12 @@ def test_prefix_cache_is_keyed_by_item_content(qwen3_vllm, qwen3_model):
     u, v, w, x = vecs(40, 32), vecs(41, 2, 32), vecs(42, 2, 32), vecs(43, 32)
     a, b, c = (prepare(text, {"m1": items}, be.specs) for items in ([u, v], [u, w], [x, v]))
     ids = be.tokenizer(a.text)["input_ids"]
-    first, second = (i for i, t in enumerate(ids) if t == be.placeholder_ids["m1"])  # u is 1 row: no shift
+    first, second = (i for i, t in enumerate(ids) if t == be.checkpoint.placeholder_ids["m1"])  # u is 1 row: no shift
     assert block <= first < 2 * block <= second < 3 * block < len(ids) + 2  # each item in its own block
     sampling = SamplingConfig(max_tokens=8, logprobs=True)
 
     hits_before = prefix_hit_counter(be.llm)
-    out_a, out_b, out_c, again_a = (be.generate_outputs([p], sampling)[0] for p in (a, b, c, a))
+    out_a, out_b, out_c, again_a = (be.generate_outputs([be.encode(p)], sampling)[0] for p in (a, b, c, a))
     assert out_a.num_cached_tokens == 0  # fresh text
     assert out_b.num_cached_tokens == block * (second // block)  # shared up to the block holding w
     assert out_c.num_cached_tokens == block * (first // block)  # x differs already in block 1
@@ -178,11 +183,11 @@ def test_prefix_cache_is_keyed_by_item_content(qwen3_vllm, qwen3_model):
     assert prefix_hit_counter(be.llm) - hits_before == sum(
         o.num_cached_tokens for o in (out_a, out_b, out_c, again_a))
 
-    from mmfuse.vllm_plugin.engine import to_completion
+    from mmfuse.backends.vllm import to_completion
     done = {k: to_completion(o.outputs[0], be.tokenizer, sampling)
             for k, o in {"a": out_a, "b": out_b, "c": out_c, "again_a": again_a}.items()}
     for key, p in (("a", a), ("b", b), ("c", c), ("again_a", a)):
-        assert_same_completion(done[key], hf_generate(qwen3_model, [p], sampling)[0][0], where=key)
+        assert_same_completion(done[key], hf_generate(qwen3_model, [qwen3_model.encode(p)], sampling)[0][0], where=key)
     diff_ab = max(abs(x - y) for x, y in zip(done["a"].logprobs, done["b"].logprobs))
     assert diff_ab > 1e-2 or done["a"].token_ids != done["b"].token_ids  # the vectors matter
 
@@ -192,7 +197,7 @@ def test_prefix_cache_item_first_shares_nothing(qwen3_vllm):
     text = long_text(4, 300)  # no placeholder: the item goes first
     p1, p2 = (prepare(text, {"m2": [vecs(s, 16)]}, be.specs) for s in (50, 51))
     sampling = SamplingConfig(max_tokens=4)
-    first, other, same = (be.generate_outputs([p], sampling)[0] for p in (p1, p2, p1))
+    first, other, same = (be.generate_outputs([be.encode(p)], sampling)[0] for p in (p1, p2, p1))
     assert other.num_cached_tokens == 0
     assert same.num_cached_tokens > 0
 
@@ -218,10 +223,10 @@ def test_64_requests_together_equal_each_alone(qwen3_vllm):
     prompts = mixed_requests(64, be.specs)
     assert len({tuple(p.items) for p in prompts}) >= 3  # text only, one and two modalities
     sampling = SamplingConfig(max_tokens=16, logprobs=True)
-    together = be.generate(prompts, sampling)
+    together = gen(be, prompts, sampling)
     assert len(together) == 64
     for i, (p, batched) in enumerate(zip(prompts, together)):
-        assert_same_completion(batched[0], be.generate([p], sampling)[0][0], where=f"request {i}")
+        assert_same_completion(batched[0], gen(be, [p], sampling)[0][0], where=f"request {i}")
 
 
 def prompt_tokens_counter(llm) -> float:
@@ -232,18 +237,19 @@ def test_bad_requests_raise_input_error_before_the_engine(qwen3_vllm):
     be = qwen3_vllm
     good = [prepare("a good one <|m1|>", {"m1": [vecs(60, 32)]}, be.specs),
             prepare("another good one", None, be.specs)]
-    before = be.generate(good, GREEDY)
+    before = gen(be, good, GREEDY)
     too_long = prepare(long_text(5, 2000), {"m1": [vecs(61, 32)]}, be.specs)
-    no_token = PreparedPrompt(text="text whose placeholder went missing", items={"m1": [vecs(62, 1, 32)]})
+    # placeholders are counted on token ids (inputs.place_placeholder_ids), after tokenization
+    missing = PreparedPrompt(text="two <|m1|> placeholders <|m1|>", items={"m1": [vecs(62, 1, 32)]})
     empty = PreparedPrompt(text="", items={})
     counted = prompt_tokens_counter(be.llm)
-    for bad, message in ((too_long, "prompt too long"), (no_token, "has no placeholder token"),
+    for bad, message in ((too_long, "prompt too long"), (missing, "placeholder <\\|m1\\|> #1 has no item"),
                          (empty, "prompt is empty")):
         with pytest.raises(InputError, match=message):
-            be.generate([good[0], bad, good[1]], GREEDY)
+            gen(be, [good[0], bad, good[1]], GREEDY)
     assert prompt_tokens_counter(be.llm) == counted  # nothing of those batches reached the engine
     assert not be.llm.llm_engine.has_unfinished_requests()
-    after = be.generate(good, GREEDY)  # the engine still serves, with the same results
+    after = gen(be, good, GREEDY)  # the engine still serves, with the same results
     for x, y in zip(before, after):
         assert_same_completion(y[0], x[0], tol=1e-5)
 

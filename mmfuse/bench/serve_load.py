@@ -77,11 +77,8 @@ class ServerProcess:
 def launch_server(ckpt, *args: str, log: Path, api_key: str = KEY) -> ServerProcess:
     """Start a server without waiting for it (``wait_ready`` does)."""
     port = free_port()
+    # vLLM's CPU settings are the server's own defaults (mmfuse.backends.vllm_defaults)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    # vLLM on CPU: a small KV cache and every core (the user's own settings win)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
     cmd = [sys.executable, "-m", "mmfuse.server", str(ckpt), "--port", str(port), "--api-key", api_key, *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

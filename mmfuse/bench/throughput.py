@@ -30,11 +30,8 @@ from .workload import build_checkpoint, make_mixed, make_prompts
 PROMPT_WORDS = 24  # ~30 text tokens + 14 soft rows from 4 items: a short, item-heavy prompt
 
 
-def _env_defaults(kv_gb: int) -> None:
-    # must be set before vLLM is imported; the user's own settings win
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gb))
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+def _env_defaults() -> None:
+    # vLLM's CPU settings come from mmfuse.backends.vllm_defaults, the KV cache size from --kv-cache-gb
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -50,10 +47,16 @@ def _out_tokens(results) -> int:
 
 
 class Bench:
-    """One backend under test: ``generate(prompts, sampling)`` plus how long its prompts are."""
+    """One backend under test; timed calls include encoding (tokenize + expand), as a request would."""
 
-    def __init__(self, name: str, generate, prompt_len):
-        self.name, self.generate, self.prompt_len = name, generate, prompt_len
+    def __init__(self, backend):
+        self.name, self.backend = backend.name, backend
+
+    def generate(self, prompts, sampling):
+        return self.backend.generate([self.backend.encode(p) for p in prompts], sampling)
+
+    def prompt_len(self, prompt) -> int:
+        return self.backend.encode(prompt).num_tokens
 
     def batches(self, specs, sizes, out_tokens: int, seed: int) -> list[dict]:
         """(a): per batch size, a prefill-only run and an end-to-end run on fresh prompts."""
@@ -78,23 +81,23 @@ class Bench:
 
 
 def run_hf(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
-    from ..hf_backend import generate, load
+    from ..backends.hf import HFBackend
     from ..sampling import SamplingConfig
 
-    model = load(ckpt)
-    bench = Bench("hf", lambda ps, s: generate(model, ps, s), lambda p: len(model.token_ids(p)))
-    generate(model, make_prompts(model.specs, 2, 1, items=4, words=8), SamplingConfig(max_tokens=2))  # warm up
-    rows = bench.batches(model.specs, cfg.batches, cfg.out_tokens, seed=10)
+    bench = Bench(HFBackend(ckpt))
+    specs = bench.backend.specs
+    bench.generate(make_prompts(specs, 2, 1, items=4, words=8), SamplingConfig(max_tokens=2))  # warm up
+    rows = bench.batches(specs, cfg.batches, cfg.out_tokens, seed=10)
     # (b) static batches in arrival order, each run to its longest request; count only requested tokens
     t = time.perf_counter()
     useful = 0
     for i in range(0, len(mixed), cfg.hf_batch):
         chunk = mixed[i:i + cfg.hf_batch]
-        res = generate(model, [p for p, _ in chunk], SamplingConfig(max_tokens=max(m for _, m in chunk)))
+        res = bench.generate([p for p, _ in chunk], SamplingConfig(max_tokens=max(m for _, m in chunk)))
         useful += sum(min(len(cs[0].token_ids), m) for cs, (_, m) in zip(res, chunk))
     t_mixed = time.perf_counter() - t
     print(f"  hf    mixed: {useful} tokens in {t_mixed:.1f} s = {useful / t_mixed:.1f} tok/s", flush=True)
-    del model, bench
+    del bench
     gc.collect()
     return dict(batches=rows, mixed=dict(seconds=t_mixed, out_tokens=useful, tok_s=useful / t_mixed,
                                          hf_batch=cfg.hf_batch))
@@ -103,26 +106,21 @@ def run_hf(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
 def run_vllm(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
     from vllm import SamplingParams
 
-    from ..inputs import expand_token_ids
+    from ..backends.vllm import VLLMBackend, to_request, to_sampling_params
     from ..sampling import SamplingConfig
-    from ..vllm_plugin.engine import VLLMBackend, to_sampling_params
 
     t0 = time.perf_counter()
-    be = VLLMBackend(ckpt, max_model_len=cfg.max_model_len)
+    be = VLLMBackend(ckpt, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb)
     startup = time.perf_counter() - t0
     print(f"  vllm engine up in {startup:.0f} s", flush=True)
 
-    def expanded(p):
-        ids = be.tokenizer(p.text)["input_ids"]
-        return expand_token_ids(ids, p, be.specs, be.placeholder_ids, be.max_model_len)
-
-    bench = Bench("vllm", be.generate, lambda p: len(expanded(p)))
-    be.generate(make_prompts(be.specs, 2, 1, items=4, words=8), SamplingConfig(max_tokens=2))  # warm up
+    bench = Bench(be)
+    bench.generate(make_prompts(be.specs, 2, 1, items=4, words=8), SamplingConfig(max_tokens=2))  # warm up
     rows = bench.batches(be.specs, cfg.batches, cfg.out_tokens, seed=10)
 
     # (b) everything submitted at once; each request with its own length
     t_mixed, outs = _timed(lambda: be.llm.generate(
-        [be.to_vllm_prompt(p) for p, _ in mixed],
+        [to_request(be.encode(p)) for p, _ in mixed],
         [to_sampling_params(SamplingConfig(max_tokens=m)) for _, m in mixed], use_tqdm=False))
     useful = sum(len(o.outputs[0].token_ids) for o in outs)
     print(f"  vllm  mixed: {useful} tokens in {t_mixed:.1f} s = {useful / t_mixed:.1f} tok/s", flush=True)
@@ -134,10 +132,11 @@ def run_vllm(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
         for kind in ("text", "items"):
             ps = make_prompts(be.specs, cfg.items_batch, 500 + 10 * rep + (kind == "items"), items=4, words=PROMPT_WORDS)
             if kind == "items":
-                t, _ = _timed(lambda: be.llm.generate([be.to_vllm_prompt(p) for p in ps], params, use_tqdm=False))
+                t, _ = _timed(lambda: be.llm.generate([to_request(be.encode(p)) for p in ps], params, use_tqdm=False))
             else:  # each soft row becomes an ordinary token: same length, no multimodal path
-                reqs = [{"prompt_token_ids": [t if t not in be.placeholder_ids.values() else 300 + j % 100
-                                              for j, t in enumerate(expanded(p))]} for p in ps]
+                pids = set(be.checkpoint.placeholder_ids.values())
+                reqs = [{"prompt_token_ids": [t if t not in pids else 300 + j % 100
+                                              for j, t in enumerate(be.encode(p).expanded_ids)]} for p in ps]
                 t, _ = _timed(lambda: be.llm.generate(reqs, params, use_tqdm=False))
             runs[kind].append(cfg.items_batch * cfg.out_tokens / t)
     items_vs_text = dict(items_tok_s=runs["items"], text_tok_s=runs["text"],
@@ -205,6 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=Path("docs/bench_throughput.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/bench_throughput.png"))
     ap.add_argument("--hf-batch", type=int, default=16, help="transformers static batch size in (b)")
+    ap.add_argument("--kv-cache-gb", type=float, default=None, help="vLLM KV cache (default 4, --quick 2)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 28, --quick 4)")
     args = ap.parse_args(argv)
     q = args.quick
@@ -221,7 +221,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; print a summary, write JSON and a plot; return the results."""
     cfg = parse_args(argv)
-    _env_defaults(kv_gb=2 if cfg.quick else 4)
+    _env_defaults()
+    cfg.kv_cache_gb = cfg.kv_cache_gb or (2 if cfg.quick else 4)
     import torch
     from transformers import AutoConfig
 

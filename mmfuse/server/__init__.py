@@ -2,8 +2,8 @@
 
 Layout: ``settings`` (limits), ``protocol`` (pydantic request/response models),
 ``wire`` (embedding decoding), ``serving`` (validation, admission, generation
-calls), ``responses`` (answer bodies and SSE chunks), ``engine``/``batching``/
-``vllm_engine`` (backends), ``guards`` (API key, body size), ``errors``,
+calls), ``responses`` (answer bodies and SSE chunks),
+``engines/`` (async wrappers over the backends), ``guards`` (API key, body size), ``errors``,
 ``metrics``, ``app`` (routes), ``cli``. Importing this package starts nothing.
 """
 from __future__ import annotations

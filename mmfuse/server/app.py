@@ -67,12 +67,12 @@ def create_app(serving: Serving, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=ERRORS)
     async def chat(req: P.ChatCompletionRequest, request: Request):
         start = time.perf_counter()
-        return await respond(serving.check_chat(req), "/v1/chat/completions", start, chat_chunks, chat_response)
+        return await respond(await serving.check_chat(req), "/v1/chat/completions", start, chat_chunks, chat_response)
 
     @app.post("/v1/completions", response_model=P.CompletionResponse, responses=ERRORS)
     async def completions(req: P.CompletionRequest, request: Request):
         start = time.perf_counter()
-        return await respond(serving.check_completion(req), "/v1/completions", start, completion_chunks,
+        return await respond(await serving.check_completion(req), "/v1/completions", start, completion_chunks,
                              completion_response)
 
     routes = {r.path for r in app.routes}

@@ -43,6 +43,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--device", default=None, help="transformers backend device")
     eng.add_argument("--torch-threads", type=int, default=None, help="transformers backend CPU threads")
     eng.add_argument("--max-model-len", type=int, default=None, help="vLLM backend context length")
+    eng.add_argument("--kv-cache-gb", type=float, default=None,
+                     help="vLLM backend KV cache size in GiB (default: from free memory on CPU)")
+    eng.add_argument("--gpu-memory-utilization", type=float, default=None,
+                     help="vLLM backend fraction of device memory (of RAM on CPU); instead of --kv-cache-gb")
+    eng.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
+                     help="vLLM backend tensor-parallel ranks")
     eng.add_argument("--graceful-shutdown", dest="graceful_shutdown_s", type=float, default=d.graceful_shutdown_s,
                      help="seconds in-flight requests get after SIGTERM")
 
@@ -57,7 +63,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
-    from .engine import make_engine
+    from .engines import make_engine
     from .metrics import Metrics
     from .serving import Serving
 

@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 
 from ..sampling import Completion
 from . import protocol as P
-from .engine import Delta
+from .engines import Delta
 from .serving import Job, sse, sse_error
 
 

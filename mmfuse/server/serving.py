@@ -3,7 +3,8 @@
 Order of checks, cheapest first, before anything is queued: model name,
 sampling limits, item counts per modality (before any embedding is decoded),
 wire decoding, the shared input rules (``chat.render_messages`` and
-``inputs.prepare``), prompt length. Only then does a request take a slot in
+``inputs.prepare``), then the prompt is tokenized once, off the event loop
+(``engine.encode``: placeholders and prompt length). Only then does a request take a slot in
 the engine (429 when the server already holds ``max_queue`` requests, 503 once
 it is shutting down).
 """
@@ -18,10 +19,10 @@ from collections.abc import AsyncIterator, Mapping
 from pydantic import BaseModel
 
 from ..chat import render_messages
-from ..inputs import InputError, PreparedPrompt, prepare
+from ..inputs import EncodedPrompt, InputError, prepare
 from ..sampling import Completion, SamplingConfig, engine_sampling
 from . import protocol as P
-from .engine import Delta
+from .engines import Delta
 from .errors import APIError, error_body
 from .metrics import Metrics
 from .settings import ServerSettings
@@ -34,11 +35,14 @@ log = logging.getLogger("mmfuse.server")
 class Job:
     """One accepted request: what to generate and what the answer needs to know."""
 
-    prepared: PreparedPrompt
+    encoded: EncodedPrompt
     sampling: SamplingConfig
-    prompt_tokens: int
     stream: bool
     include_usage: bool
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.encoded.num_tokens
 
 
 class Serving:
@@ -96,15 +100,13 @@ class Serving:
         return {n: [decode_embedding(f"{param}.{n}[{i}]", _plain(e)) for i, e in enumerate(v)]
                 for n, v in embeddings.items()}
 
-    def _finish(self, text: str, items, param: str, sampling: SamplingConfig, req,
-                explicit_max_tokens: bool) -> Job:
+    async def _finish(self, text: str, items, param: str, sampling: SamplingConfig, req,
+                      explicit_max_tokens: bool) -> Job:
         try:
-            prepared = prepare(text, items, self.specs)
-            length = self.engine.prompt_length(prepared)
+            encoded = await self.engine.encode(prepare(text, items, self.specs))
         except InputError as e:
             raise APIError(400, str(e), param, "input_error") from None
-        if length == 0:
-            raise APIError(400, f"{param}: the prompt is empty (no text and no items)", param, "empty_prompt")
+        length = encoded.num_tokens
         if self.settings.max_prompt_tokens and length > self.settings.max_prompt_tokens:
             raise APIError(400, f"prompt too long: {length} tokens (items count as their soft tokens), this "
                                 f"server takes at most {self.settings.max_prompt_tokens}", param, "prompt_too_long")
@@ -118,12 +120,12 @@ class Serving:
                                     f"the model's {self.engine.max_model_len}; asked for {sampling.max_tokens}",
                                "max_tokens")
             sampling = dataclasses.replace(sampling, max_tokens=room)  # the default shrinks to fit
-        for name, its in prepared.items.items():
+        for name, its in encoded.items.items():
             self.metrics.items.labels(modality=name).inc(len(its))
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Job(prepared, sampling, length, req.stream, usage)
+        return Job(encoded, sampling, req.stream, usage)
 
-    def check_chat(self, req: P.ChatCompletionRequest) -> Job:
+    async def check_chat(self, req: P.ChatCompletionRequest) -> Job:
         sampling = self._sampling(req, req.max_completion_tokens or req.max_tokens, req.logprobs)
         counts: dict[str, int] = {}
         for msg in req.messages:
@@ -137,7 +139,7 @@ class Serving:
             text, items = render_messages(messages, self.engine.tokenizer, self.specs, extra)
         except InputError as e:
             raise APIError(400, str(e), "messages", "input_error") from None
-        return self._finish(text, items, "messages", sampling, req,
+        return await self._finish(text, items, "messages", sampling, req,
                             (req.max_completion_tokens or req.max_tokens) is not None)
 
     def _content(self, i: int, content) -> str | list | None:
@@ -154,13 +156,13 @@ class Serving:
             parts.append(d)
         return parts
 
-    def check_completion(self, req: P.CompletionRequest) -> Job:
+    async def check_completion(self, req: P.CompletionRequest) -> Job:
         sampling = self._sampling(req, req.max_tokens, req.logprobs is not None)
         try:
             items = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
         except InputError as e:
             raise APIError(400, str(e), "multimodal_embeddings", "input_error") from None
-        return self._finish(req.prompt, items, "prompt" if not items else "multimodal_embeddings", sampling, req,
+        return await self._finish(req.prompt, items, "prompt" if not items else "multimodal_embeddings", sampling, req,
                             req.max_tokens is not None)
 
     # -- generation -------------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ class Serving:
     async def generate(self, job: Job) -> list[Completion]:
         self._admit()
         try:
-            completions = await self.engine.generate(job.prepared, engine_sampling(job.sampling))
+            completions = await self.engine.generate(job.encoded, engine_sampling(job.sampling))
         except InputError as e:  # the engine's own parameter checks
             raise APIError(400, str(e), None, "input_error") from None
         finally:
@@ -195,7 +197,7 @@ class Serving:
         """Deltas of the job's choices. The slot is taken and the first delta awaited here, so that
         refusals are still HTTP errors; the slot is held until the last delta is sent."""
         self._admit()
-        source = self.engine.stream(job.prepared, engine_sampling(job.sampling))
+        source = self.engine.stream(job.encoded, engine_sampling(job.sampling))
         copies = job.sampling.n if job.sampling.greedy else 1
         try:
             first = await anext(source)

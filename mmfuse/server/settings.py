@@ -33,6 +33,9 @@ class ServerSettings:
     torch_threads: int | None = None  # transformers on CPU; None = torch's default. 1 suits tiny models
     # and shared machines, where idle OpenMP threads spin against other processes
     max_model_len: int | None = None  # vLLM backend; None = the model's own
+    kv_cache_gb: float | None = None  # vLLM backend; None = from free memory on CPU, vLLM's default on GPU
+    gpu_memory_utilization: float | None = None  # vLLM backend: fraction of device memory (RAM on CPU)
+    tensor_parallel_size: int = 1  # vLLM backend
     graceful_shutdown_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
 
     def __post_init__(self) -> None:

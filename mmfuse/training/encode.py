@@ -1,7 +1,7 @@
 """One dataset row -> token ids, labels and items; rows -> a padded batch.
 
 The prompt goes through exactly the inference path (``inputs.prepare`` then
-placeholder expansion, as ``MMFuseModel.token_ids`` does), so what the model
+``Checkpoint.encode``, as every backend does), so what the model
 learns is what it later sees. The response is tokenized on its own, followed by
 EOS; only response tokens carry labels (prompt and padding are -100).
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ModalitySpec
-from ..inputs import InputError, Item, PreparedPrompt, expand_token_ids, prepare
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..inputs import EncodedPrompt, InputError, Item, prepare
 
 IGNORE = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
 MM_PREFIX = "mm_"  # column mm_NAME holds the items of modality NAME
@@ -31,7 +31,7 @@ class Example:
     row: int
     input_ids: list[int]  # prompt (placeholders expanded) + response + EOS
     labels: list[int]  # IGNORE over the prompt, the token ids over response + EOS
-    prompt: PreparedPrompt
+    prompt: EncodedPrompt  # what a backend generates from
     response: str
 
     @property
@@ -56,33 +56,24 @@ class Batch:
 class RowEncoder:
     """Encodes rows for one checkpoint: its tokenizer, modalities, placeholder ids and length limit."""
 
-    def __init__(self, tokenizer, specs: Mapping[str, ModalitySpec], placeholder_ids: Mapping[str, int],
-                 max_len: int):
-        self.tokenizer = tokenizer
-        self.specs = dict(specs)
-        self.placeholder_ids = dict(placeholder_ids)
-        self.max_len = max_len
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.tokenizer = checkpoint.tokenizer
+        self.specs = checkpoint.specs
+        self.placeholder_ids = checkpoint.placeholder_ids
+        self.max_len = checkpoint.max_len
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = checkpoint.pad_token_id
 
     @classmethod
     def from_model(cls, model) -> "RowEncoder":
         """From a loaded ``MMFuseModel`` (training, hf eval)."""
-        return cls(model.tokenizer, model.specs, model.placeholder_ids, model.max_len)
+        return cls(model.checkpoint)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "RowEncoder":
         """From tokenizer and config only: checking a dataset needs no LM weights."""
-        from transformers import AutoConfig, AutoTokenizer
-
-        from ..checkpoint import placeholder_token_ids, resolve
-        from ..config import MMFuseConfig
-
-        path = resolve(path)
-        hf_config = AutoConfig.from_pretrained(path)
-        specs = MMFuseConfig.from_hf_config(hf_config).modalities
-        tok = AutoTokenizer.from_pretrained(path)
-        return cls(tok, specs, placeholder_token_ids(tok, specs), hf_config.get_text_config().max_position_embeddings)
+        return cls(open_checkpoint(path))
 
     def check_columns(self, columns: list[str]) -> None:
         """Dataset-level checks: required columns present, every mm_ column a known modality."""
@@ -112,9 +103,8 @@ class RowEncoder:
         # a missing column, null or [] all mean "no items"; modalities keep the checkpoint's order
         embeddings = {n: row[MM_PREFIX + n] for n in self.specs
                       if row.get(MM_PREFIX + n) is not None and len(row[MM_PREFIX + n]) > 0}
-        prepared = prepare(prompt, embeddings, self.specs)
-        ids = self.tokenizer(prepared.text)["input_ids"]
-        prompt_ids = expand_token_ids(ids, prepared, self.specs, self.placeholder_ids, self.max_len)
+        encoded = self.checkpoint.encode(prepare(prompt, embeddings, self.specs))
+        prompt_ids = encoded.expanded_ids
         response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.eos_id]
         bad = [n for n, pid in self.placeholder_ids.items() if pid in response_ids]
         if bad:
@@ -126,7 +116,7 @@ class RowEncoder:
                              f"expanding items, {len(response_ids)} response + EOS), the model takes at most "
                              f"{self.max_len}")
         return Example(row=index, input_ids=prompt_ids + response_ids,
-                       labels=[IGNORE] * len(prompt_ids) + response_ids, prompt=prepared, response=response)
+                       labels=[IGNORE] * len(prompt_ids) + response_ids, prompt=encoded, response=response)
 
     def collate(self, examples: list[Example]) -> Batch:
         width = max(len(e.input_ids) for e in examples)

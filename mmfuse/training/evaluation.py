@@ -52,7 +52,7 @@ def is_exact(generated: str, response: str) -> bool:
 @torch.no_grad()
 def exact_match_hits(model, examples: Sequence[Example], max_tokens: int, batch_size: int) -> int:
     """Greedy generations from the HF reference that equal their response."""
-    from ..hf_backend import generate
+    from ..backends.hf import generate
 
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=0.0)
     hits = 0
@@ -74,15 +74,15 @@ def load_examples(encoder: RowEncoder, data: str | os.PathLike, limit: int | Non
 def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike, config: EvalConfig | None = None) -> dict:
     """Metrics of a checkpoint on a dataset: ``{"n", "exact_match", "eval_loss"?, "backend", "max_tokens"}``.
 
-    Generations go through ``MultimodalPipeline`` (so ``backend="vllm"`` measures
-    the vLLM plugin); eval loss needs the transformers model and is reported for hf.
+    Generations run on the selected backend (so ``backend="vllm"`` measures the vLLM
+    plugin); eval loss needs the transformers model and is reported for hf.
     """
-    from ..pipeline import MultimodalPipeline
+    from ..backends import open_backend
 
     config = config or EvalConfig()
-    pipe = MultimodalPipeline(ckpt, backend=config.backend)
-    model = getattr(pipe.backend, "model", None)  # the HF backend's MMFuseModel
-    encoder = RowEncoder.from_model(model) if model is not None else RowEncoder.from_checkpoint(ckpt)
+    backend = open_backend(ckpt, config.backend)
+    model = getattr(backend, "model", None)  # the HF backend's MMFuseModel
+    encoder = RowEncoder(backend.checkpoint)
     examples = load_examples(encoder, data, config.limit)
     if not examples:
         raise ValueError(f"{data}: no rows to evaluate")
@@ -91,16 +91,15 @@ def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike, config: EvalConfi
     hits = 0
     for i in range(0, len(examples), config.batch_size):
         chunk = examples[i:i + config.batch_size]
-        requests = [{"text": e.prompt.text, "multimodal_data": {"multimodal_embeddings": e.prompt.items}}
-                    for e in chunk]
-        outs = pipe.generate_completions(requests, sampling)
+        outs = backend.generate([e.prompt for e in chunk], sampling)
         hits += sum(is_exact(o[0].text, e.response) for o, e in zip(outs, chunk))
-    metrics = {"n": len(examples), "exact_match": hits / len(examples), "backend": getattr(pipe.backend, "name", config.backend),
+    metrics = {"n": len(examples), "exact_match": hits / len(examples), "backend": backend.name,
                "max_tokens": max_tokens}
     if config.loss and model is not None:
         total, tokens = loss_totals(model, encoder, examples, config.batch_size)
         metrics["eval_loss"] = total / tokens
         metrics["eval_tokens"] = tokens
+    backend.close()
     return metrics
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import resolve
-from ..hf_backend import load
+from ..backends.hf import load
 from .batches import map_steps, steps_per_epoch, stream_steps
 from .config import TrainConfig, TrainConfigError
 from .data import column_names, open_dataset

@@ -7,7 +7,9 @@ the model code, starts an engine or touches a device.
 
 - ``model.py``: ``MMFuseForCausalLM``, the one wrapper class behind every ``MMFuse<Base>`` name
 - ``processing.py``: data parser, placeholder expansion and dummy inputs for vLLM's processor API
-- ``engine.py``: ``VLLMBackend`` (the pipeline backend) and the request helpers a server uses
+
+Only what vLLM itself runs lives here; the client that drives an engine is
+``mmfuse.backends.vllm``.
 """
 from __future__ import annotations
 

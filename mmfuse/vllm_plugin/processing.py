@@ -6,8 +6,9 @@ Data path inside vLLM (0.32 processor API):
       -> MMFuseDataParser: one subparser per modality of the checkpoint; every item goes
          through mmfuse.inputs.coerce_items (same checks and InputError as the HF backend)
          and becomes a float32 (n, input_dim) tensor
-      -> MMFuseMultiModalProcessor.apply: no placeholder at all -> placeholders are put
-         first (the shared rule); otherwise placeholder/item counts must match
+      -> MMFuseMultiModalProcessor.apply: the shared placeholder rule on token ids
+         (mmfuse.inputs.place_placeholder_ids): no placeholder at all -> items first;
+         otherwise placeholder/item counts must match
       -> PromptReplacement: each placeholder id becomes n * tokens_per_item copies of itself
       -> the model gets {NAME}_feats per item and projects it (see model.py)
 
@@ -32,7 +33,7 @@ from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalPr
 
 from ..config import MMFuseConfig, ModalitySpec
 from ..checkpoint import placeholder_token_ids
-from ..inputs import InputError, check_placeholder_counts, coerce_items, rows_of
+from ..inputs import InputError, coerce_items, place_placeholder_ids, rows_of
 
 
 def feats_key(name: str) -> str:
@@ -145,14 +146,7 @@ class MMFuseMultiModalProcessor(BaseMultiModalProcessor[MMFuseProcessingInfo]):
         return super().apply(inputs, timing_ctx)
 
     def _place_items(self, ids: list[int], mm_items: MultiModalDataItems) -> list[int]:
-        """The shared placeholder rule (mmfuse.inputs.place_items) on token ids."""
-        pids = self.info.placeholder_ids
-        found = {n: ids.count(pid) for n, pid in pids.items()}
+        """The shared placeholder rule (``mmfuse.inputs.place_placeholder_ids``) on token ids."""
         given = {n: len(items) for n, items in mm_items.items()}
-        if any(found.values()) or not any(given.values()):
-            check_placeholder_counts(found, given, self.info.specs)
-            return ids
-        # no placeholder at all: items go first, in the order given (after a BOS token, if any)
-        bos = self.info.get_tokenizer().bos_token_id
-        start = 1 if ids and bos is not None and ids[0] == bos else 0
-        return ids[:start] + [pids[n] for n, c in given.items() for _ in range(c)] + ids[start:]
+        return place_placeholder_ids(ids, given, self.info.specs, self.info.placeholder_ids,
+                                     self.info.get_tokenizer().bos_token_id)

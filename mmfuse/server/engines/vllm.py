@@ -1,9 +1,10 @@
 """The vLLM engine: ``AsyncLLM`` (vLLM's async engine), continuous batching across requests.
 
-Requests are checked and tokenized exactly as ``VLLMBackend`` does (the shared
-``to_vllm_prompt``), so a bad one fails with InputError before the engine sees
-it. Non-streaming requests ask vLLM for the final output only; streaming ones
-for deltas, which vLLM detokenizes incrementally (stop strings held back).
+Requests are encoded by the same ``Checkpoint.encode`` as every backend and submitted
+with ``mmfuse.backends.vllm``'s helpers (``engine_args``, ``to_request``,
+``to_sampling_params``, ``to_completion``), so the server and ``VLLMBackend`` send vLLM
+the same thing. Non-streaming requests ask vLLM for the final output only; streaming
+ones for deltas, which vLLM detokenizes incrementally (stop strings held back).
 """
 from __future__ import annotations
 
@@ -14,50 +15,37 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
-from ..checkpoint import placeholder_token_ids, read_config, resolve
-from ..config import MMFuseConfig
-from ..inputs import InputError, PreparedPrompt
-from ..sampling import Completion, SamplingConfig
-from ..vllm_plugin.engine import check_prompt_length, to_completion, to_sampling_params, to_vllm_prompt
-from .engine import Delta
+from ...backends.vllm import engine_args, to_completion, to_request, to_sampling_params
+from ...backends.vllm_defaults import EngineOptions, apply_process_defaults
+from ...checkpoint import open_checkpoint
+from ...inputs import EncodedPrompt, InputError
+from ...sampling import Completion, SamplingConfig
+from . import Delta, PromptEncoder
 
 
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model: str | os.PathLike, dtype: str = "float32", max_model_len: int | None = None,
-                 **engine_kwargs: Any):
-        from transformers import AutoTokenizer
+    def __init__(self, model: str | os.PathLike, options: EngineOptions, **engine_kwargs: Any):
+        apply_process_defaults(offline=False, tensor_parallel_size=options.tensor_parallel_size)
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        path = resolve(model)
-        self.specs = MMFuseConfig.from_hf_config(read_config(path)).modalities
-        self.tokenizer = AutoTokenizer.from_pretrained(path)  # the HF backend's tokenizer: same ids
-        self.placeholder_ids = placeholder_token_ids(self.tokenizer, self.specs)
-        if current_platform.is_cpu():
-            engine_kwargs.setdefault("enforce_eager", True)  # graph capture only costs time on CPU
-        args = AsyncEngineArgs(model=str(path), dtype=dtype, max_model_len=max_model_len,
-                               enable_prefix_caching=True, disable_log_stats=True, **engine_kwargs)
+        self.checkpoint = open_checkpoint(model)  # the HF backend's tokenizer: same ids
+        self.specs, self.tokenizer = self.checkpoint.specs, self.checkpoint.tokenizer
+        args = AsyncEngineArgs(**engine_args(self.checkpoint, options, disable_log_stats=True, **engine_kwargs))
         self.engine = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.engine.model_config.max_model_len
+        self.encode = PromptEncoder(self.checkpoint, self.max_model_len - 1)  # room for one new token
 
-    def _request(self, prepared: PreparedPrompt) -> dict[str, Any]:
-        return to_vllm_prompt(prepared, self.tokenizer, self.specs, self.max_model_len, self.placeholder_ids)
-
-    def prompt_length(self, prepared: PreparedPrompt) -> int:
-        ids = list(self.tokenizer(prepared.text)["input_ids"])
-        return check_prompt_length(ids, prepared, self.specs, self.placeholder_ids, self.max_model_len)
-
-    async def _outputs(self, prepared: PreparedPrompt, sampling: SamplingConfig, kind):
+    async def _outputs(self, encoded: EncodedPrompt, sampling: SamplingConfig, kind):
         from vllm.exceptions import VLLMValidationError
 
         try:
             params = to_sampling_params(sampling)
             params.output_kind = kind
             # render (multimodal processing included) off the event loop, as vLLM's own server does
-            (engine_input,) = await self.engine.renderer.render_cmpl_async([self._request(prepared)])
+            (engine_input,) = await self.engine.renderer.render_cmpl_async([to_request(encoded)])
             outputs = self.engine.generate(engine_input, params, request_id=uuid.uuid4().hex)
             first = await anext(outputs)
         except VLLMValidationError as e:  # a request vLLM refuses is the client's to fix
@@ -66,22 +54,22 @@ class VLLMEngine:
         async for out in outputs:
             yield out
 
-    async def generate(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> list[Completion]:
+    async def generate(self, encoded: EncodedPrompt, sampling: SamplingConfig) -> list[Completion]:
         from vllm.sampling_params import RequestOutputKind
 
         final = None
-        async for out in self._outputs(prepared, sampling, RequestOutputKind.FINAL_ONLY):
+        async for out in self._outputs(encoded, sampling, RequestOutputKind.FINAL_ONLY):
             final = out
         return [to_completion(c, self.tokenizer, sampling) for c in sorted(final.outputs, key=lambda c: c.index)]
 
-    async def stream(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> AsyncIterator[Delta]:
+    async def stream(self, encoded: EncodedPrompt, sampling: SamplingConfig) -> AsyncIterator[Delta]:
         """vLLM's incremental text per choice; the last delta also carries what vLLM held back (a trailing
         partial character), so the joined deltas equal the non-streamed text exactly."""
         from vllm.sampling_params import RequestOutputKind
 
         sent: dict[int, str] = {}
         tokens: dict[int, list[int]] = {}
-        async for out in self._outputs(prepared, sampling, RequestOutputKind.DELTA):
+        async for out in self._outputs(encoded, sampling, RequestOutputKind.DELTA):
             for c in out.outputs:
                 toks = list(c.token_ids)
                 lps = [step[t].logprob for t, step in zip(toks, c.logprobs)] if sampling.logprobs and c.logprobs else None

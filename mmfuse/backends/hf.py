@@ -1,6 +1,6 @@
 """The transformers backend: the reference forward and batched generation.
 
-Data path: token ids with one placeholder id per soft row -> the LM's input
+Data path: ``EncodedPrompt.expanded_ids`` (one placeholder id per soft row) -> the LM's input
 embeddings -> projected rows scattered over the placeholder positions (one
 ``masked_scatter`` per modality) -> ``inputs_embeds`` into the unchanged LM.
 """
@@ -13,12 +13,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import (load_projector_state, placeholder_token_ids, read_config, resolve, save_projectors,
-                         write_config)
-from .config import ConfigError, MMFuseConfig, wrapper_architecture
-from .inputs import InputError, Item, PreparedPrompt, expand_token_ids
-from .projectors import build_projectors
-from .sampling import Completion, SamplingConfig, truncate_at_stop
+from ..checkpoint import Checkpoint, load_projector_state, open_checkpoint, read_config, save_projectors, write_config
+from ..config import ConfigError, wrapper_architecture
+from ..inputs import EncodedPrompt, InputError, Item, PreparedPrompt
+from ..projectors import build_projectors
+from ..sampling import Completion, SamplingConfig, truncate_at_stop
 
 
 def merge_rows(embeds: torch.Tensor, input_ids: torch.Tensor, rows: Mapping[str, torch.Tensor],
@@ -39,18 +38,17 @@ def merge_rows(embeds: torch.Tensor, input_ids: torch.Tensor, rows: Mapping[str,
 class MMFuseModel(nn.Module):
     """A causal LM plus one projector per modality; the weights of one checkpoint."""
 
-    def __init__(self, lm: nn.Module, tokenizer, mm_config: MMFuseConfig):
+    def __init__(self, lm: nn.Module, checkpoint: Checkpoint):
         super().__init__()
         self.lm = lm
-        self.tokenizer = tokenizer
-        self.mm_config = mm_config
-        self.specs = mm_config.modalities
+        self.checkpoint = checkpoint
+        self.tokenizer = checkpoint.tokenizer
+        self.mm_config = checkpoint.mm_config
+        self.specs = checkpoint.specs
+        self.placeholder_ids = checkpoint.placeholder_ids
+        self.max_len = checkpoint.max_len
+        self.eos_token_ids = checkpoint.eos_token_ids
         self.mm_projectors = build_projectors(self.specs, lm.config.get_text_config().hidden_size)
-        self.placeholder_ids = placeholder_token_ids(tokenizer, self.specs)
-        self.max_len = lm.config.get_text_config().max_position_embeddings
-        # generation_config.json may list more EOS ids than the tokenizer (Qwen3: <|im_end|>, <|endoftext|>)
-        gen_eos = lm.generation_config.eos_token_id if lm.generation_config is not None else None
-        self.eos_token_ids = {tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
 
     @property
     def device(self) -> torch.device:
@@ -79,10 +77,9 @@ class MMFuseModel(nn.Module):
                 attention_mask: torch.Tensor | None = None, **kwargs):
         return self.lm(inputs_embeds=self.embed(input_ids, items), attention_mask=attention_mask, **kwargs)
 
-    def token_ids(self, prompt: PreparedPrompt) -> list[int]:
-        """Tokenize a prepared prompt and expand each placeholder to its soft-row count."""
-        ids = self.tokenizer(prompt.text)["input_ids"]
-        return expand_token_ids(ids, prompt, self.specs, self.placeholder_ids, self.max_len)
+    def encode(self, prepared: PreparedPrompt) -> EncodedPrompt:
+        """Tokenize once, place and expand the items (``Checkpoint.encode``)."""
+        return self.checkpoint.encode(prepared)
 
     def save(self, out: str | os.PathLike, lm_weights: bool = True) -> None:
         """Write a checkpoint directory. ``lm_weights=False`` updates an existing checkpoint at
@@ -106,22 +103,19 @@ class MMFuseModel(nn.Module):
 def load(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32) -> MMFuseModel:
     """Open an mmfuse checkpoint (local directory or hub id) with transformers and validate it."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    path = resolve(path_or_id)
+    ckpt = open_checkpoint(path_or_id)
+    path = ckpt.path
     hf_config = AutoConfig.from_pretrained(path)
-    mm_config = MMFuseConfig.from_hf_config(hf_config)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the mm_projectors.* keys are "unexpected" to the bare LM by design
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, attn_implementation="eager")
     finally:
         hf_logging.set_verbosity(verbosity)
-    model = MMFuseModel(lm, tokenizer, mm_config)
+    model = MMFuseModel(lm, ckpt)
     _load_projectors(model, path)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -143,12 +137,12 @@ def _load_projectors(model: MMFuseModel, path) -> None:
 
 
 @torch.inference_mode()
-def generate(model: MMFuseModel, prompts: Sequence[PreparedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
-    """Generate for a batch of prompts at once (left padding); ``n`` completions each."""
+def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
+    """Generate for a batch of encoded prompts at once (left padding); ``n`` completions each."""
     from transformers import GenerationConfig
 
     tok = model.tokenizer
-    ids = [model.token_ids(p) for p in prompts]
+    ids = [p.expanded_ids for p in prompts]
     width = max(map(len, ids))
     pad = tok.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
@@ -179,7 +173,7 @@ def generate(model: MMFuseModel, prompts: Sequence[PreparedPrompt], sampling: Sa
     return results
 
 
-def _completion(tok, eos: set[int], seq: torch.Tensor, logprobs: torch.Tensor | None,
+def _completion(tok, eos: frozenset[int], seq: torch.Tensor, logprobs: torch.Tensor | None,
                 sampling: SamplingConfig) -> Completion:
     """Token ids up to and including the first EOS (what follows is padding)."""
     toks = seq.tolist()
@@ -191,3 +185,32 @@ def _completion(tok, eos: set[int], seq: torch.Tensor, logprobs: torch.Tensor | 
         finish = "stop"
     lp = logprobs[: len(toks)].tolist() if logprobs is not None else None
     return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=lp)
+
+
+class HFBackend:
+    """The transformers reference behind the ``Backend`` protocol."""
+
+    name = "hf"
+
+    def __init__(self, model_path: str | os.PathLike, device: str | None = None, dtype: str = "float32"):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load(model_path, device=device, dtype=getattr(torch, dtype))
+        self.checkpoint = self.model.checkpoint
+        self.max_model_len = self.checkpoint.max_len
+
+    @property
+    def specs(self):
+        return self.checkpoint.specs
+
+    @property
+    def tokenizer(self):
+        return self.checkpoint.tokenizer
+
+    def encode(self, prepared: PreparedPrompt) -> EncodedPrompt:
+        return self.checkpoint.encode(prepared, self.max_model_len)
+
+    def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
+        return generate(self.model, prompts, sampling)
+
+    def close(self) -> None:
+        """Nothing to stop: the model is freed with this object."""

@@ -1,8 +1,8 @@
-"""The transformers engine: a worker thread that batches waiting requests.
+"""The transformers engine: a worker thread that batches waiting requests over ``HFBackend``.
 
 Requests wait in a FIFO. The worker takes everything waiting (up to
 ``max_batch_size``), groups requests whose sampling settings are equal, and runs
-each group as one ``hf_backend.generate`` call (left-padded batch). Requests
+each group as one ``HFBackend.generate`` call (left-padded batch). Requests
 that arrive meanwhile form the next batch. One thread owns the model, so the
 event loop never blocks on a forward pass and seeds stay per batch.
 """
@@ -17,16 +17,17 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import astuple, dataclass
 
-from ..inputs import PreparedPrompt
-from ..sampling import Completion, SamplingConfig
-from .engine import Delta, completion_deltas
+from ...backends.hf import HFBackend
+from ...inputs import EncodedPrompt
+from ...sampling import Completion, SamplingConfig
+from . import Delta, PromptEncoder, completion_deltas
 
 log = logging.getLogger("mmfuse.server")
 
 
 @dataclass
 class _Job:
-    prepared: PreparedPrompt
+    encoded: EncodedPrompt
     sampling: SamplingConfig
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -41,30 +42,28 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, backend, max_batch_size: int = 32, on_batch=None):
+    def __init__(self, backend: HFBackend, max_batch_size: int = 32, on_batch=None):
         self.backend = backend
         # the event loop's own copy: a fast tokenizer is not to be shared with the worker thread
         self.tokenizer = copy.deepcopy(backend.tokenizer)
         self.specs = backend.specs
-        self.max_model_len = backend.model.max_len
+        self.max_model_len = backend.max_model_len
+        self.encode = PromptEncoder(backend.checkpoint, backend.max_model_len)
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch  # called with (requests, seconds) after each batch, from the worker thread
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="mmfuse-batcher", daemon=True)
         self._thread.start()
 
-    def prompt_length(self, prepared: PreparedPrompt) -> int:
-        return len(self.backend.model.token_ids(prepared))
-
-    async def generate(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> list[Completion]:
+    async def generate(self, encoded: EncodedPrompt, sampling: SamplingConfig) -> list[Completion]:
         loop = asyncio.get_running_loop()
-        job = _Job(prepared, sampling, loop.create_future(), loop)
+        job = _Job(encoded, sampling, loop.create_future(), loop)
         self._jobs.put(job)
         return await job.future
 
-    async def stream(self, prepared: PreparedPrompt, sampling: SamplingConfig) -> AsyncIterator[Delta]:
+    async def stream(self, encoded: EncodedPrompt, sampling: SamplingConfig) -> AsyncIterator[Delta]:
         """Whole completions from the batch, released as per-token deltas (no incremental decoding here)."""
-        for i, completion in enumerate(await self.generate(prepared, sampling)):
+        for i, completion in enumerate(await self.generate(encoded, sampling)):
             for delta in completion_deltas(self.tokenizer, i, completion):
                 yield delta
 
@@ -101,7 +100,7 @@ class HFEngine:
     def _run(self, jobs: list[_Job]) -> None:
         start = time.perf_counter()
         try:
-            results = self.backend.generate([j.prepared for j in jobs], jobs[0].sampling)
+            results = self.backend.generate([j.encoded for j in jobs], jobs[0].sampling)
             if self.on_batch is not None:
                 self.on_batch(len(jobs), time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 - handed to each waiting request, the worker keeps going

@@ -1,0 +1,64 @@
+"""Backends: what runs the LM. One protocol, two implementations, one way to pick.
+
+- ``hf.py``: plain transformers, the reference (and what training uses);
+- ``vllm.py``: a client of a vLLM engine running ``mmfuse.vllm_plugin``'s model.
+
+Both take the same ``EncodedPrompt`` (``Checkpoint.encode``: tokenized and
+expanded once) and return the same ``Completion`` records. The server wraps
+them in async engines (``mmfuse.server.engines``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ..checkpoint import Checkpoint
+from ..config import ModalitySpec
+from ..inputs import EncodedPrompt, PreparedPrompt
+from ..sampling import Completion, SamplingConfig
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+class Backend(Protocol):
+    """A loaded checkpoint that generates. ``encode`` raises InputError before anything runs."""
+
+    name: str
+    checkpoint: Checkpoint
+    max_model_len: int  # most tokens a prompt may have after items expand, leaving room to generate
+
+    @property
+    def specs(self) -> dict[str, ModalitySpec]: ...
+
+    @property
+    def tokenizer(self): ...
+
+    def encode(self, prepared: PreparedPrompt) -> EncodedPrompt: ...
+
+    def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]: ...
+
+    def close(self) -> None: ...
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def select_backend(backend: str = "auto") -> str:
+    """``"hf"`` or ``"vllm"`` for a requested backend name; ``auto`` is vLLM when importable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return backend
+
+
+def open_backend(model: str | os.PathLike, backend: str = "auto", **options: Any) -> Backend:
+    """Load ``model`` (checkpoint directory or hub id) in the selected backend; ``options`` go to its constructor."""
+    if select_backend(backend) == "vllm":
+        from .vllm import VLLMBackend
+        return VLLMBackend(model, **options)
+    from .hf import HFBackend
+    return HFBackend(model, **options)

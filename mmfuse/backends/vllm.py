@@ -1,0 +1,129 @@
+"""The vLLM backend: encoded prompts in, ``Completion`` records out, like ``HFBackend``.
+
+This is a client of a vLLM engine; the model it runs (``mmfuse.vllm_plugin``)
+is what vLLM itself loads. The pure helpers here are shared with the server's
+async engine (``mmfuse.server.engines.vllm``):
+
+- ``engine_args``: the engine arguments, with working defaults for the machine
+  (``vllm_defaults``) where the caller set none;
+- ``to_request``: an ``EncodedPrompt`` as vLLM's ``{"prompt_token_ids", "multi_modal_data"}``;
+- ``to_sampling_params`` / ``to_completion``: sampling in, results out with the
+  HF backend's conventions (token ids include a final EOS, text decoded without
+  special tokens, stop strings cut OpenAI-style).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..inputs import EncodedPrompt, PreparedPrompt
+from ..sampling import Completion, SamplingConfig, truncate_at_stop
+from .vllm_defaults import EngineOptions, apply_process_defaults
+
+
+def engine_args(checkpoint: Checkpoint, options: EngineOptions, **engine_kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs`` (``engine_kwargs`` win over mmfuse's)."""
+    from vllm.platforms import current_platform
+
+    args: dict[str, Any] = dict(model=str(checkpoint.path), dtype=options.dtype, max_model_len=options.max_model_len,
+                                enable_prefix_caching=True, tensor_parallel_size=options.tensor_parallel_size)
+    if current_platform.is_cpu():
+        args["enforce_eager"] = True  # graph capture only costs time on CPU
+    args.update(options.memory_args(current_platform.is_cpu()))
+    args.update(engine_kwargs)
+    return args
+
+
+def to_request(encoded: EncodedPrompt) -> dict[str, Any]:
+    """What to submit to vLLM: token ids with one placeholder per item (vLLM's processor expands them)."""
+    request: dict[str, Any] = {"prompt_token_ids": list(encoded.token_ids)}
+    if encoded.items:
+        request["multi_modal_data"] = {name: list(items) for name, items in encoded.items.items()}
+    return request
+
+
+def to_sampling_params(sampling: SamplingConfig):
+    """``SamplingConfig`` -> ``vllm.SamplingParams`` (logprobs of the chosen tokens only, when asked)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                          top_p=sampling.top_p, top_k=sampling.top_k,  # 0 = off in both
+                          seed=sampling.seed, stop=list(sampling.stop) or None,
+                          logprobs=0 if sampling.logprobs else None)
+
+
+def to_completion(output, tokenizer, sampling: SamplingConfig) -> Completion:
+    """One vLLM ``CompletionOutput`` as a ``Completion`` with the HF backend's conventions."""
+    toks = list(output.token_ids)  # vLLM keeps a generated EOS, as the HF backend does
+    logprobs = None
+    if sampling.logprobs and output.logprobs is not None:
+        logprobs = [step[t].logprob for t, step in zip(toks, output.logprobs)]
+    text, stopped = truncate_at_stop(tokenizer.decode(toks, skip_special_tokens=True), sampling.stop)
+    finish = "stop" if stopped or output.finish_reason == "stop" else "length"
+    return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=logprobs)
+
+
+class VLLMBackend:
+    """An mmfuse checkpoint served by an offline ``vllm.LLM`` (continuous batching, paged KV, prefix caching).
+
+    Options: ``dtype`` (float32 by default: exact parity with the HF backend), ``max_model_len``,
+    ``kv_cache_gb`` or ``gpu_memory_utilization``, ``tensor_parallel_size``; any other keyword
+    goes to ``vllm.LLM`` as is (e.g. ``max_num_seqs``).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_path: str | os.PathLike, dtype: str = "float32", max_model_len: int | None = None,
+                 kv_cache_gb: float | None = None, gpu_memory_utilization: float | None = None,
+                 tensor_parallel_size: int = 1, device: str | None = None, **engine_kwargs: Any):
+        from vllm.platforms import current_platform
+
+        if device is not None and str(device).split(":")[0] != current_platform.device_type:
+            raise ValueError(f"device: this vLLM build runs on {current_platform.device_type!r}, got {device!r}")
+        options = EngineOptions(dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
+                                gpu_memory_utilization=gpu_memory_utilization,
+                                tensor_parallel_size=tensor_parallel_size)
+        apply_process_defaults(offline=True, tensor_parallel_size=tensor_parallel_size)
+        from vllm import LLM
+
+        self.checkpoint = open_checkpoint(model_path)  # the HF backend's tokenizer: same ids
+        self.llm = LLM(**engine_args(self.checkpoint, options, **engine_kwargs))
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        # stop the engine before interpreter teardown: otherwise vLLM reports its exit as unexpected
+        atexit.register(_close_ref, weakref.ref(self))
+
+    @property
+    def specs(self):
+        return self.checkpoint.specs
+
+    @property
+    def tokenizer(self):
+        return self.checkpoint.tokenizer
+
+    def encode(self, prepared: PreparedPrompt) -> EncodedPrompt:
+        return self.checkpoint.encode(prepared, self.max_model_len - 1)  # vLLM keeps room for one new token
+
+    def generate_outputs(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list:
+        """vLLM's own ``RequestOutput`` per prompt (with e.g. ``num_cached_tokens``)."""
+        return self.llm.generate([to_request(p) for p in prompts], to_sampling_params(sampling), use_tqdm=False)
+
+    def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
+        """``n`` completions per prompt, in prompt order."""
+        return [[to_completion(c, self.tokenizer, sampling) for c in out.outputs]
+                for out in self.generate_outputs(prompts, sampling)]
+
+    def close(self) -> None:
+        """Stop the engine's processes now (idempotent)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def _close_ref(ref: weakref.ref) -> None:
+    backend = ref()
+    if backend is not None:
+        backend.close()

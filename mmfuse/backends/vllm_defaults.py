@@ -1,0 +1,112 @@
+"""Working vLLM settings for the machine mmfuse runs on, wherever the user set none.
+
+vLLM's own defaults fail in two common places, both seen on a 2-core CPU box:
+
+- memory: on CPU vLLM reserves ``gpu_memory_utilization`` (0.92) of *total* memory and
+  refuses to start when less is free ("Available memory on node 0 ... is less than
+  desired CPU memory utilization"). mmfuse asks for an explicit KV cache instead, sized
+  from free memory (``default_cpu_kv_cache_bytes``), unless the user gave
+  ``kv_cache_gb``, ``gpu_memory_utilization`` or ``VLLM_CPU_KVCACHE_SPACE``.
+- processes: the CPU platform forces the ``spawn`` start method, so the engine-core child
+  re-imports the caller's main script; an unguarded script (no ``if __name__ ==
+  "__main__":``) then starts a second engine and dies. For such scripts the offline engine
+  core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); BENCHMARKS.md compares
+  its throughput with the multi-process engine.
+
+Threads: vLLM on CPU keeps one core for its front end unless told otherwise; mmfuse
+binds the engine's OpenMP threads to every core this process may use, split between
+tensor-parallel ranks.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from dataclasses import dataclass
+
+from ..config import ConfigError
+
+GiB = 2**30
+# KV cache on CPU when nothing is set: a quarter of free memory, within these bounds
+CPU_KV_MIN, CPU_KV_MAX = GiB // 2, 4 * GiB
+
+
+@dataclass
+class EngineOptions:
+    """The engine settings mmfuse exposes on every command and in the Python API."""
+
+    dtype: str = "float32"  # exact parity with the transformers backend; bf16 is faster where supported
+    max_model_len: int | None = None  # None = the model's own
+    kv_cache_gb: float | None = None  # KV cache size; None = from free memory on CPU, vLLM's default on GPU
+    gpu_memory_utilization: float | None = None  # vLLM's fraction of device memory (of RAM on CPU)
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_gb is not None and self.gpu_memory_utilization is not None:
+            raise ConfigError("give kv_cache_gb or gpu_memory_utilization, not both")
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
+            raise ConfigError(f"kv_cache_gb: expected a positive number of GiB, got {self.kv_cache_gb!r}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization: expected a fraction in (0, 1], got "
+                              f"{self.gpu_memory_utilization!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len: expected at least 2, got {self.max_model_len!r}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size: expected >= 1, got {self.tensor_parallel_size!r}")
+
+    def memory_args(self, cpu: bool) -> dict:
+        """Engine arguments that size the KV cache."""
+        if self.kv_cache_gb is not None:
+            return {"kv_cache_memory_bytes": int(self.kv_cache_gb * GiB)}
+        if self.gpu_memory_utilization is not None:
+            return {"gpu_memory_utilization": self.gpu_memory_utilization}
+        if cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            return {"kv_cache_memory_bytes": default_cpu_kv_cache_bytes()}
+        return {}
+
+
+def default_cpu_kv_cache_bytes() -> int:
+    """A quarter of the memory free now, between 0.5 and 4 GiB, in whole MiB."""
+    import psutil
+
+    quarter = psutil.virtual_memory().available // 4
+    return min(CPU_KV_MAX, max(CPU_KV_MIN, quarter)) // 2**20 * 2**20
+
+
+def main_script_is_guarded() -> bool:
+    """Whether a spawned child may safely re-import ``__main__`` (no main file, or one whose
+    module level holds an ``if __name__ == "__main__":`` block)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path or not os.path.isfile(path):
+        return True  # REPL, notebook, `python -c`: nothing is re-imported
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return False
+    return any(isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) for node in tree.body)
+
+
+def cpu_binding(ranks: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` tensor-parallel ranks: this process's CPUs split
+    into equal, disjoint sets, ``|`` between ranks (e.g. ``"0,1"`` or ``"0|1"``)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if ranks > len(cpus):
+        raise ConfigError(f"tensor_parallel_size {ranks} needs at least one CPU per rank, this process has {len(cpus)}")
+    per = len(cpus) // ranks
+    return "|".join(",".join(map(str, cpus[r * per:(r + 1) * per])) for r in range(ranks))
+
+
+def apply_process_defaults(offline: bool, tensor_parallel_size: int = 1) -> None:
+    """Set vLLM's CPU environment defaults in this process (children inherit them); user settings win.
+
+    ``offline``: an engine owned by this script (``vllm.LLM``), which may run in-process.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tensor_parallel_size))
+    if offline and not main_script_is_guarded():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

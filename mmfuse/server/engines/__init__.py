@@ -1,0 +1,94 @@
+"""The server's engines: thin async wrappers over the backends (``mmfuse.backends``).
+
+An engine takes one validated request at a time, asynchronously:
+``await encode(prepared)`` (tokenized once, off the event loop; InputError when
+the model cannot take it), ``await generate(encoded, sampling)`` -> ``n``
+``Completion``s, ``stream(encoded, sampling)`` -> ``Delta``s, ``await close()``
+(finishes what was accepted, then stops). Batching across requests is the
+engine's business: a queue that runs equal-settings requests as one batch over
+``HFBackend`` (``hf.HFEngine``), vLLM's own continuous batching in ``AsyncLLM``
+(``vllm.VLLMEngine``, sharing ``mmfuse.backends.vllm``'s request helpers).
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ...backends import select_backend
+from ...backends.vllm_defaults import EngineOptions
+from ...checkpoint import Checkpoint
+from ...inputs import EncodedPrompt, PreparedPrompt
+from ...sampling import Completion
+from ..settings import ServerSettings
+
+
+@dataclass
+class Delta:
+    """New output of choice ``index``: text, its tokens (and their logprobs); ``finish_reason`` on the last."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+
+
+def completion_deltas(tokenizer, index: int, completion: Completion) -> list[Delta]:
+    """A finished completion as per-token deltas whose texts join to exactly ``completion.text``.
+
+    Text is released only when the decoded prefix is stable (no partial UTF-8 character)
+    and never past the final, stop-truncated text.
+    """
+    final, toks, lps = completion.text, completion.token_ids, completion.logprobs
+    out: list[Delta] = []
+    sent, start = 0, 0  # characters released; first token not yet attached to a delta
+    for i in range(1, len(toks) + 1):
+        text = tokenizer.decode(toks[:i], skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        upto = min(len(text), len(final))
+        if upto > sent and final.startswith(text[:upto]):
+            out.append(Delta(index, final[sent:upto], toks[start:i], lps[start:i] if lps else None))
+            sent, start = upto, i
+    if sent < len(final) or start < len(toks) or not out:
+        out.append(Delta(index, final[sent:], toks[start:], lps[start:] if lps else None))
+    out[-1].finish_reason = completion.finish_reason
+    return out
+
+
+class PromptEncoder:
+    """``Checkpoint.encode`` off the event loop, on one thread that owns its own tokenizer copy
+    (a fast tokenizer used from two threads at once can fail with "Already borrowed")."""
+
+    def __init__(self, checkpoint: Checkpoint, max_len: int):
+        self.checkpoint = dataclasses.replace(checkpoint, tokenizer=copy.deepcopy(checkpoint.tokenizer))
+        self.max_len = max_len
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mmfuse-encode")
+
+    async def __call__(self, prepared: PreparedPrompt) -> EncodedPrompt:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self.checkpoint.encode, prepared,
+                                                                self.max_len)
+
+
+def make_engine(settings: ServerSettings, on_batch=None):
+    """The engine for ``settings.backend`` (``auto``: vLLM when importable).
+
+    ``on_batch(requests, seconds)``: called after each transformers batch (vLLM batches per step itself).
+    """
+    if select_backend(settings.backend) == "vllm":
+        from .vllm import VLLMEngine
+        options = EngineOptions(dtype=settings.dtype, max_model_len=settings.max_model_len,
+                                kv_cache_gb=settings.kv_cache_gb,
+                                gpu_memory_utilization=settings.gpu_memory_utilization,
+                                tensor_parallel_size=settings.tensor_parallel_size)
+        return VLLMEngine(settings.model, options, max_num_seqs=settings.max_batch_size)
+    from ...backends.hf import HFBackend
+    from .hf import HFEngine
+    if settings.torch_threads is not None:
+        import torch
+        torch.set_num_threads(settings.torch_threads)
+    return HFEngine(HFBackend(settings.model, device=settings.device, dtype=settings.dtype),
+                    max_batch_size=settings.max_batch_size, on_batch=on_batch)
