@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load"}
+BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load",
+              "engine-core": "mmfuse.bench.engine_core"}
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ class Backend(Protocol):
 
     name: str
     checkpoint: Checkpoint
-    max_model_len: int  # most tokens a prompt may have after items expand, leaving room to generate
+    max_model_len: int  # the model's context length (prompt + generated tokens)
 
     @property
     def specs(self) -> dict[str, ModalitySpec]: ...
@@ -40,6 +40,25 @@ class Backend(Protocol):
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]: ...
 
     def close(self) -> None: ...
+
+
+class CheckpointBackend:
+    """What both backends share: the checkpoint they serve, and encoding a prompt for it."""
+
+    checkpoint: Checkpoint
+    prompt_limit: int  # most prompt tokens after items expand
+
+    @property
+    def specs(self) -> dict[str, ModalitySpec]:
+        return self.checkpoint.specs
+
+    @property
+    def tokenizer(self):
+        return self.checkpoint.tokenizer
+
+    def encode(self, prepared: PreparedPrompt) -> EncodedPrompt:
+        """Tokenize once and expand the items (``Checkpoint.encode``); InputError if the prompt can't run."""
+        return self.checkpoint.encode(prepared, self.prompt_limit)
 
 
 def vllm_available() -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from . import CheckpointBackend
 from ..checkpoint import Checkpoint, load_projector_state, open_checkpoint, read_config, save_projectors, write_config
 from ..config import ConfigError, wrapper_architecture
 from ..inputs import EncodedPrompt, InputError, Item, PreparedPrompt
@@ -187,7 +188,7 @@ def _completion(tok, eos: frozenset[int], seq: torch.Tensor, logprobs: torch.Ten
     return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=lp)
 
 
-class HFBackend:
+class HFBackend(CheckpointBackend):
     """The transformers reference behind the ``Backend`` protocol."""
 
     name = "hf"
@@ -196,18 +197,7 @@ class HFBackend:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load(model_path, device=device, dtype=getattr(torch, dtype))
         self.checkpoint = self.model.checkpoint
-        self.max_model_len = self.checkpoint.max_len
-
-    @property
-    def specs(self):
-        return self.checkpoint.specs
-
-    @property
-    def tokenizer(self):
-        return self.checkpoint.tokenizer
-
-    def encode(self, prepared: PreparedPrompt) -> EncodedPrompt:
-        return self.checkpoint.encode(prepared, self.max_model_len)
+        self.max_model_len = self.prompt_limit = self.checkpoint.max_len
 
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
         return generate(self.model, prompts, sampling)

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..inputs import EncodedPrompt, PreparedPrompt
+from ..inputs import EncodedPrompt
 from ..sampling import Completion, SamplingConfig, truncate_at_stop
+from . import CheckpointBackend
 from .vllm_defaults import EngineOptions, apply_process_defaults
 
 
@@ -67,7 +68,7 @@ def to_completion(output, tokenizer, sampling: SamplingConfig) -> Completion:
     return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=logprobs)
 
 
-class VLLMBackend:
+class VLLMBackend(CheckpointBackend):
     """An mmfuse checkpoint served by an offline ``vllm.LLM`` (continuous batching, paged KV, prefix caching).
 
     Options: ``dtype`` (float32 by default: exact parity with the HF backend), ``max_model_len``,
@@ -93,19 +94,9 @@ class VLLMBackend:
         self.checkpoint = open_checkpoint(model_path)  # the HF backend's tokenizer: same ids
         self.llm = LLM(**engine_args(self.checkpoint, options, **engine_kwargs))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.prompt_limit = self.max_model_len - 1  # vLLM keeps room for one generated token
         # stop the engine before interpreter teardown: otherwise vLLM reports its exit as unexpected
         atexit.register(_close_ref, weakref.ref(self))
-
-    @property
-    def specs(self):
-        return self.checkpoint.specs
-
-    @property
-    def tokenizer(self):
-        return self.checkpoint.tokenizer
-
-    def encode(self, prepared: PreparedPrompt) -> EncodedPrompt:
-        return self.checkpoint.encode(prepared, self.max_model_len - 1)  # vLLM keeps room for one new token
 
     def generate_outputs(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list:
         """vLLM's own ``RequestOutput`` per prompt (with e.g. ``num_cached_tokens``)."""

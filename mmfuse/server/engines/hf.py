@@ -48,7 +48,7 @@ class HFEngine:
         self.tokenizer = copy.deepcopy(backend.tokenizer)
         self.specs = backend.specs
         self.max_model_len = backend.max_model_len
-        self.encode = PromptEncoder(backend.checkpoint, backend.max_model_len)
+        self.encode = PromptEncoder(backend.checkpoint, backend.prompt_limit)
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch  # called with (requests, seconds) after each batch, from the worker thread
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
