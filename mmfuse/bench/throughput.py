@@ -234,9 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     limits = measure(quick=cfg.quick)
     print(f"machine: {limits.cpu}, {limits.cores} cores, torch threads {limits.threads}: fp32 GEMM "
           f"{limits.gemm_gflops:.1f} GFLOP/s, copy {limits.copy_gbps:.1f} GB/s", flush=True)
-    from ..config import MMFuseConfig
-    from ..checkpoint import read_config
-    specs = MMFuseConfig.from_hf_config(read_config(ckpt)).modalities
+    from ..checkpoint import open_checkpoint
+    specs = open_checkpoint(ckpt).specs
     mixed = make_mixed(specs, cfg.mixed, seed=7, min_out=8, max_out=cfg.max_out)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
               "command": "mmfuse bench throughput " + " ".join(sys.argv[1:] if argv is None else argv),

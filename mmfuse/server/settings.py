@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..backends import BACKENDS
 from ..config import ConfigError
 
-BACKENDS = ("auto", "hf", "vllm")
 
 
 @dataclass
