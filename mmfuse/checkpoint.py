@@ -191,15 +191,22 @@ def _resolve_specs(specs: Iterable[ModalitySpec], lm_hidden: int) -> dict[str, M
 
 
 def init_checkpoint(base: str | os.PathLike, out: str | os.PathLike, modalities: Iterable[ModalitySpec] | dict,
-                    seed: int = 0, link: bool = False) -> Path:
+                    seed: int = 0, link: bool = False, overwrite: bool = False) -> Path:
     """Make an mmfuse checkpoint at ``out`` from a base causal LM, with fresh projectors.
 
     ``modalities`` is a list of ``ModalitySpec`` or ``{name: {input_dim: ..., ...}}``.
     ``link=True`` symlinks the base weight files instead of copying them.
+    ``out`` must be missing or empty (``ConfigError`` naming it, nothing touched); ``overwrite=True``
+    first removes what an earlier checkpoint or training run wrote there (``mmfuse.outdir``).
     """
     from transformers import AddedToken, AutoTokenizer
 
+    from .outdir import claim_output_dir, clear_entries
+
+    stale = claim_output_dir(out, overwrite)  # before anything is read or written
     src, dst = resolve(base), Path(out)
+    if stale and dst.resolve() == src.resolve():
+        raise ConfigError(f"{dst} is the base model itself; write the checkpoint to another directory")
     if isinstance(modalities, dict):
         modalities = [ModalitySpec.from_dict(n, dict(s)) for n, s in modalities.items()]
     config = read_config(src)
@@ -211,6 +218,7 @@ def init_checkpoint(base: str | os.PathLike, out: str | os.PathLike, modalities:
     hidden = config.get("text_config", config)["hidden_size"]
     mm = MMFuseConfig(modalities=_resolve_specs(modalities, hidden))
 
+    clear_entries(stale)
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.suffix in _CARRIED and f.name not in ("config.json", INDEX_FILE):

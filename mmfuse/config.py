@@ -101,15 +101,62 @@ class MMFuseConfig:
                 "modalities": {n: s.to_dict() for n, s in self.modalities.items()}}
 
 
+MODALITY_SYNTAX = "NAME:DIM[:PROJECTOR][,tokens=K][,hidden=H][,placeholder=P][,max_items=N]"
+# option keys of the CLI form -> ModalitySpec fields (the field names are accepted too)
+MODALITY_OPTIONS = {"tokens": "tokens_per_item", "tokens_per_item": "tokens_per_item", "hidden": "hidden_dim",
+                    "hidden_dim": "hidden_dim", "placeholder": "placeholder", "max_items": "max_items"}
+
+
 def parse_modality_arg(arg: str) -> ModalitySpec:
-    """Parse the CLI form ``NAME:DIM[:PROJECTOR]``."""
-    parts = arg.split(":")
-    if len(parts) not in (2, 3) or not parts[1].isdigit():
-        raise ConfigError(f"--modality {arg!r}: expected NAME:DIM[:PROJECTOR], e.g. vision:768:mlp2x_gelu")
-    kwargs: dict[str, Any] = {"name": parts[0], "input_dim": int(parts[1])}
+    """Parse the CLI form ``NAME:DIM[:PROJECTOR][,tokens=K][,hidden=H][,placeholder=P][,max_items=N]``.
+
+    ``vision:768`` -> 768-d vectors, mlp2x_gelu, 1 token each; ``audio:128:linear,tokens=4,max_items=8``;
+    ``protein:1280,hidden=2048,placeholder=<prot>``. Options come after commas as ``key=value``
+    (``tokens``/``tokens_per_item``, ``hidden``/``hidden_dim``, ``placeholder``, ``max_items``), in any order.
+    A malformed piece raises ``ConfigError`` naming that piece and the expected form.
+    """
+    def bad(piece: str, why: str) -> ConfigError:
+        return ConfigError(f"--modality {arg!r}: {piece!r} {why}; expected {MODALITY_SYNTAX}, "
+                           f"e.g. vision:768 or audio:128:linear,tokens=4")
+
+    if not isinstance(arg, str) or not arg.strip():
+        raise ConfigError(f"--modality {arg!r}: empty; expected {MODALITY_SYNTAX}")
+    head, *options = [piece.strip() for piece in arg.split(",")]
+    parts = head.split(":")
+    if len(parts) < 2:
+        raise bad(head, "has no DIM (write NAME:DIM)")
+    if len(parts) > 3:
+        raise bad(head, "has more than NAME:DIM:PROJECTOR")
+    name, dim = parts[0], parts[1]
+    if not NAME_RE.match(name):
+        raise bad(name, "is not a valid modality name ([a-z][a-z0-9_]*)")
+    if not dim.isdigit() or int(dim) < 1:
+        raise bad(dim, "is not a positive integer DIM")
+    kwargs: dict[str, Any] = {"name": name, "input_dim": int(dim)}
     if len(parts) == 3:
-        kwargs["projector"] = parts[2]
-    return ModalitySpec(**kwargs)
+        kwargs["projector"] = parts[2]  # checked by ModalitySpec (the error names it)
+    for piece in options:
+        key, sep, value = piece.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise bad(piece, "is not key=value")
+        if key not in MODALITY_OPTIONS:
+            raise bad(piece, f"has an unknown key {key!r} (known: {', '.join(MODALITY_OPTIONS)})")
+        field_name = MODALITY_OPTIONS[key]
+        if field_name in kwargs:
+            raise bad(piece, f"sets {field_name} a second time")
+        if not value:
+            raise bad(piece, "has no value")
+        if field_name == "placeholder":
+            kwargs[field_name] = value
+        elif value.isdigit() and int(value) >= 1:
+            kwargs[field_name] = int(value)
+        else:
+            raise bad(piece, f"needs a positive integer for {field_name}")
+    try:
+        return ModalitySpec(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"--modality {arg!r}: {e}") from None
 
 
 def wrapper_architecture(base_architecture: str) -> str:

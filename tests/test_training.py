@@ -301,3 +301,56 @@ def test_stage2_lora_beats_stage1_when_the_lm_must_change(stoppable_ckpt, tmp_pa
     assert scores["lora"]["exact_match"] >= 0.9, scores
     assert scores["stage1"]["exact_match"] <= 0.5, scores
     assert scores["lora"]["eval_loss"] < 0.2 * scores["stage1"]["eval_loss"], scores
+
+
+# ---------------------------------------------------------------- output directory: refuse, resume, overwrite
+
+def _digest(root: Path) -> dict[str, str]:
+    import hashlib
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+def _train_cli(args: list[str]) -> int:
+    import argparse
+
+    from mmfuse.training.cli import add_train_args, run_train
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    return run_train(p.parse_args(args))
+
+
+def test_train_refuses_a_non_empty_out_unless_overwrite(qwen3_ckpt, mixed_data, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(qwen3_ckpt, out)  # an earlier run's checkpoint, metrics and training state
+    (out / "metrics.json").write_text('{"history": [{"step": 9}]}')
+    (out / "train_state" / "step_00000009").mkdir(parents=True)
+    (out / "train_state" / "step_00000009" / "progress.json").write_text("{}")
+    before = _digest(out)
+    common = [str(qwen3_ckpt), str(mixed_data), "--out", str(out), "--stage", "1", "--max-steps", "1",
+              "--batch-size", "4", "--no-shuffle"]
+    assert _train_cli(common) == 2
+    err = capsys.readouterr().err
+    assert f"mmfuse train: error: out: output directory {out} is not empty" in err
+    assert "--overwrite" in err and "already holds training state" in err and "--resume" in err
+    assert _digest(out) == before
+    with pytest.raises(TrainConfigError, match="is not empty"):
+        train(cfg(qwen3_ckpt, mixed_data, out))
+    assert _digest(out) == before
+    assert _train_cli(common + ["--overwrite", "--resume"]) == 2
+    assert "cannot be combined with resume" in capsys.readouterr().err
+    (out / "data.parquet").write_bytes(b"user data")  # never deleted, even with --overwrite
+    before = _digest(out)
+    assert _train_cli(common + ["--overwrite"]) == 2
+    assert "holds entries mmfuse does not write (data.parquet)" in capsys.readouterr().err
+    assert _digest(out) == before
+
+    (out / "data.parquet").unlink()
+    assert _train_cli(common + ["--overwrite", "--save-every", "1"]) == 0
+    assert [r["step"] for r in json.loads((out / "metrics.json").read_text())["history"]] == [1]
+    assert [p.name for p in (out / "train_state").iterdir()] == ["step_00000001"]  # the old state is gone
+    # --resume into the run dir is not refused: with the same settings it finds the run complete and re-exports
+    assert _train_cli(common + ["--save-every", "1", "--resume"]) == 0
+    assert [r["step"] for r in json.loads((out / "metrics.json").read_text())["history"]] == [1]

@@ -36,39 +36,59 @@ def _handled(command: str):
         print(f"mmfuse {command}: error: {e}", file=sys.stderr)
 
 
+def _formatted(p: argparse.ArgumentParser, epilog_key: str) -> None:
+    """The ``mmfuse`` help layout (defaults shown, example epilog), also under ``python -m mmfuse.training``."""
+    from ..cli import EPILOGS, HelpFormatter
+    p.formatter_class = HelpFormatter
+    if p.epilog is None:
+        p.epilog = EPILOGS.get(epilog_key)
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="mmfuse checkpoint directory or hub id")
+    _formatted(p, "train")
+    p.add_argument("ckpt", help="mmfuse checkpoint directory or hub id (from `mmfuse init` or an earlier run)")
     p.add_argument("data", help="parquet file or directory of *.parquet (columns prompt, response, mm_NAME)")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--out", required=True,
+                   help="output checkpoint directory: missing or empty, unless --resume or --overwrite")
     p.add_argument("--stage", type=int, choices=[1, 2], required=True,
                    help="1: projectors only; 2: projectors + LoRA (or the full LM with --full)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty --out: its earlier checkpoint, metrics and train_state/ are "
+                        "removed first (default: refuse)")
     kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--lora-r", type=int, default=16, help="LoRA rank for stage 2 (default 16)")
-    kind.add_argument("--full", action="store_true", help="stage 2: train every LM weight")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+    kind.add_argument("--lora-r", type=int, default=16, help="LoRA rank for stage 2")
+    kind.add_argument("--full", action="store_true", help="stage 2: train every LM weight (default: LoRA)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout probability")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data (ignored with --max-steps)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps in total (default: from --epochs)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per process per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="peak lr (default 1e-3 stage 1, 2e-4 LoRA, 2e-5 full)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--warmup", type=float, default=0.0, help="warm-up: fraction of steps if < 1, else steps")
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step")
+    p.add_argument("--lr", type=float, default=None, help="peak lr (default: 1e-3 stage 1, 2e-4 LoRA, 2e-5 full)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this; 0 disables")
+    p.add_argument("--warmup", type=float, default=0.0, help="warm-up: a fraction of the steps if < 1, else steps")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="lr schedule after warm-up")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 master weights")
-    p.add_argument("--save-every", type=int, default=0, help="save training state every N steps (0: never)")
-    p.add_argument("--keep-states", type=int, default=1)
-    p.add_argument("--resume", action="store_true", help="continue from the newest state in OUT/train_state")
-    p.add_argument("--eval-data", default=None, help="held-out parquet data")
-    p.add_argument("--eval-every", type=int, default=0, help="eval every N steps (0: only at the end)")
-    p.add_argument("--eval-exact-match", action="store_true", help="also greedy exact match on eval data")
-    p.add_argument("--eval-max-tokens", type=int, default=None, help="default: longest eval response + 1")
-    p.add_argument("--eval-batch-size", type=int, default=None)
-    p.add_argument("--streaming", action="store_true", help="stream the parquet data (needs --max-steps)")
-    p.add_argument("--no-shuffle", dest="shuffle", action="store_false")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=0,
+                   help="save training state (for --resume) every N steps; 0: never")
+    p.add_argument("--keep-states", type=int, default=1, help="training states kept on disk (the newest)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest state in OUT/train_state (default: a new run)")
+    p.add_argument("--eval-data", default=None, help="held-out parquet data for eval loss (default: no eval)")
+    p.add_argument("--eval-every", type=int, default=0, help="eval every N steps; 0: only at the end")
+    p.add_argument("--eval-exact-match", action="store_true",
+                   help="also greedy exact match on the eval data (default: eval loss only)")
+    p.add_argument("--eval-max-tokens", type=int, default=None,
+                   help="exact-match generation limit (default: longest eval response + 1)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="eval batch size (default: --batch-size)")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream the parquet data instead of memory-mapping it (needs --max-steps)")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                   help="keep the data order (default: reshuffle every epoch)")
+    p.add_argument("--seed", type=int, default=0, help="seed for shuffling and LoRA initialisation")
+    p.add_argument("--log-every", type=int, default=1, help="record metrics every N steps")
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -87,10 +107,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_data_check_args(p: argparse.ArgumentParser) -> None:
+    _formatted(p, "data check")
     p.add_argument("ckpt", help="mmfuse checkpoint the data is for (tokenizer + config are read)")
     p.add_argument("data", help="parquet file or directory of *.parquet")
     p.add_argument("--max-errors", type=int, default=10, help="stop after this many bad rows")
-    p.add_argument("--streaming", action="store_true")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream the parquet data instead of memory-mapping it (default: memory-map)")
 
 
 def run_data_check(args: argparse.Namespace) -> int:
@@ -108,13 +130,16 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt")
+    _formatted(p, "eval")
+    p.add_argument("ckpt", help="mmfuse checkpoint directory or hub id")
     p.add_argument("data", help="parquet file or directory of *.parquet")
-    p.add_argument("--backend", choices=["hf", "vllm", "auto"], default="hf")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=None, help="default: longest response + 1 token")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    p.add_argument("--no-loss", dest="loss", action="store_false", help="skip the eval loss (hf)")
+    p.add_argument("--backend", choices=["hf", "vllm", "auto"], default="hf",
+                   help="hf: transformers (exact match and eval loss); vllm / auto: exact match on vLLM")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--max-tokens", type=int, default=None, help="generation limit (default: longest response + 1)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows (default: all)")
+    p.add_argument("--no-loss", dest="loss", action="store_false",
+                   help="skip the eval loss (default: compute it with --backend hf)")
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ class TrainConfig:
 
     ckpt: str  # mmfuse checkpoint directory or hub id (made by `mmfuse init` or a previous run)
     data: str  # parquet file or directory of *.parquet (see mmfuse.training.data)
-    out: str  # output checkpoint directory; training state goes to OUT/train_state/
+    out: str  # output checkpoint directory (missing or empty unless resume/overwrite); state in OUT/train_state/
     stage: int = 1  # 1: projectors only (LM frozen); 2: projectors + LoRA adapters, or the whole LM with full=True
     lora_r: int = 16  # LoRA rank (stage 2 without full)
     lora_alpha: float | None = None  # LoRA scale numerator; None = 2 * lora_r (a common, stable choice)
@@ -40,9 +40,10 @@ class TrainConfig:
     warmup: float = 0.0  # warm-up: a fraction of all steps when < 1, else a number of steps
     schedule: str = "cosine"  # lr after warm-up: cosine | linear (decay to 0) | constant
     dtype: str = "fp32"  # fp32, or bf16 autocast (weights and optimiser state stay fp32)
-    save_every: int = 0  # write OUT/train_state every N optimiser steps; 0 = only at the end
+    save_every: int = 0  # write OUT/train_state every N optimiser steps; 0 = never (no --resume possible)
     keep_states: int = 1  # training states kept on disk (the newest ones)
     resume: bool = False  # continue from the newest state in OUT/train_state
+    overwrite: bool = False  # start over in a non-empty OUT (mmfuse.outdir: its own files are removed first)
     eval_data: str | None = None  # held-out parquet data for eval loss (and exact match)
     eval_every: int = 0  # evaluate every N steps; 0 = only at the end (when eval_data is set)
     eval_exact_match: bool = False  # also generate greedily and compare with the response
@@ -56,6 +57,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
             raise TrainConfigError(f"stage: expected 1 or 2, got {self.stage!r}")
+        if self.overwrite and self.resume:
+            raise TrainConfigError("overwrite: cannot be combined with resume (--resume continues the run in out, "
+                                   "--overwrite replaces it)")
         if self.full and self.stage != 2:
             raise TrainConfigError("full: training the whole LM is stage 2 (--stage 2 --full)")
         positive = ["lora_r", "epochs", "batch_size", "grad_accum", "keep_states", "log_every"]

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ..checkpoint import resolve
 from ..backends.hf import load
+from ..outdir import claim_output_dir, clear_entries
 from .batches import map_steps, steps_per_epoch, stream_steps
 from .config import TrainConfig, TrainConfigError
 from .data import column_names, open_dataset
@@ -112,9 +113,13 @@ class _Run:
         self.ckpt, self.out = resolve(config.ckpt), Path(config.out)
         if self.out.resolve() == self.ckpt.resolve():
             raise TrainConfigError(f"out: {self.out} is the input checkpoint; write to a new directory")
-        if state_dirs(self.out) and not config.resume:
-            raise TrainConfigError(f"out: {self.out / STATE_DIR} already holds training state; pass resume "
-                                   f"(--resume) to continue it, or choose a new out directory")
+        # a non-empty out is refused before anything loads, unless resumed or overwritten (mmfuse.outdir)
+        self.stale: list[Path] = []
+        if not config.resume:
+            hint = (f": it already holds training state ({STATE_DIR}/); pass --resume (resume=True) to continue "
+                    f"that run" if state_dirs(self.out) else "")
+            self.stale = claim_output_dir(self.out, config.overwrite, error=TrainConfigError, label="out: ",
+                                          hint=hint)
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every process
         self.model = load(self.ckpt, device=accelerator.device)
         self.params, self.peft_model = setup_trainable(self.model, config)
@@ -132,6 +137,12 @@ class _Run:
         name = "constant_with_warmup" if config.schedule == "constant" else config.schedule
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=config.warmup_steps(self.total),
                                        num_training_steps=self.total)
+        # overwrite: the earlier run's files go only now that model and data opened; every process has
+        # looked at out (above) before the main process changes it
+        accelerator.wait_for_everyone()
+        if self.stale and accelerator.is_main_process:
+            clear_entries(self.stale)
+        accelerator.wait_for_everyone()
 
     def autocast(self):
         """bf16 autocast for forward passes when asked; weights and optimiser state stay fp32."""
