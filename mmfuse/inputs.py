@@ -11,6 +11,7 @@ came, before anything reaches a model.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,47 +22,149 @@ from .config import ModalitySpec
 
 Item = torch.Tensor  # float32 [n, input_dim], n >= 1
 
+# Largest |value| accepted in an item. Projectors are small linear maps (gains of order 1-10),
+# and the LM runs in float16/bfloat16 on GPUs (largest float16: 65504): beyond 1e4 a projected
+# row can overflow there and poison the logits. Encoder outputs (CLIP, Whisper, sentence
+# vectors, normalised features) are orders of magnitude below this.
+MAX_ABS_VALUE = 1e4
+_NUMBER_TYPES = (int, float, np.floating, np.integer)
+
 
 class InputError(ValueError):
-    """A request's text or embeddings break the input rules; the message says which and how."""
+    """A request's text or embeddings break the input rules; the message says which and how.
+
+    ``param``: the request field at fault when one is known (the server's error ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def _where(name: str, index: int | None) -> str:
     return f"modality {name!r}" + ("" if index is None else f" item {index}")
 
 
+def as_list(value: object) -> list | None:
+    """The elements of a list or tuple (subclasses included, read without calling their own
+    ``__len__``/``__iter__``/``__getitem__``, which may lie); None for anything else."""
+    if isinstance(value, list):
+        return list(list.__iter__(value))
+    if isinstance(value, tuple):
+        return list(tuple.__iter__(value))
+    return None
+
+
+def _check_tensor(where: str, expected: str, item: torch.Tensor) -> torch.Tensor:
+    if item.is_nested or item.layout != torch.strided:
+        kind = "nested" if item.is_nested else f"{item.layout} (sparse)"
+        raise InputError(f"{where}: expected a dense tensor with {expected}, got a {kind} tensor")
+    if item.is_quantized:
+        raise InputError(f"{where}: expected a real float tensor with {expected}, got a quantized tensor ({item.dtype})")
+    if item.device.type == "meta":
+        raise InputError(f"{where}: expected a tensor with data, got one on the meta device (no values)")
+    if not item.is_floating_point():
+        raise InputError(f"{where}: expected a real float tensor with {expected}, got dtype {item.dtype}")
+    return item.detach()
+
+
+def _check_array(where: str, expected: str, item: np.ndarray) -> np.ndarray:
+    if isinstance(item, np.ma.MaskedArray):
+        raise InputError(f"{where}: expected a plain float array with {expected}, got a masked array")
+    if item.dtype.kind != "f":
+        raise InputError(f"{where}: expected a real float array with {expected}, got dtype {item.dtype}")
+    return np.asarray(item)
+
+
+def _numbers(at: str, expected: str, row: object) -> np.ndarray:
+    """One vector given as a list of numbers, a float array or a float tensor -> float64 [d]."""
+    if isinstance(row, torch.Tensor):
+        return _check_tensor(at, expected, row).to("cpu", torch.float64).numpy()
+    if isinstance(row, np.ndarray):
+        return _check_array(at, expected, row).astype(np.float64)
+    values = as_list(row)
+    if values is None:
+        raise InputError(f"{at}: expected a list of numbers with {expected}, got {type(row).__name__}")
+    if not set(map(type, values)) <= {float, int}:  # the common case costs one pass in C
+        at_bad = next((i for i, v in enumerate(values)
+                       if isinstance(v, (bool, np.bool_)) or not isinstance(v, _NUMBER_TYPES)), None)
+        if at_bad is not None:
+            bad = values[at_bad]
+            raise InputError(f"{at}: expected numbers with {expected}, got {type(bad).__name__} {bad!r:.40}")
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except OverflowError:
+        raise InputError(f"{at}: a number too large for a float, expected |x| <= {MAX_ABS_VALUE:g}") from None
+
+
+def _list_values(where: str, expected: str, item: list) -> np.ndarray:
+    """A list of numbers (one vector) or a list of rows (lists of numbers, float arrays or tensors)."""
+    if not item or not (as_list(item[0]) is not None or isinstance(item[0], (np.ndarray, torch.Tensor))):
+        return _numbers(where, expected, item)
+    rows = [_numbers(f"{where} row {r}", expected, row) for r, row in enumerate(item)]
+    ranks = {r.ndim for r in rows}
+    if ranks != {1}:
+        raise InputError(f"{where}: expected rank 1 or 2 with {expected}, got rows of rank {max(ranks)}")
+    widths = {len(r) for r in rows}
+    if len(widths) > 1:
+        raise InputError(f"{where}: rows of different lengths {sorted(widths)}, expected {expected}")
+    return np.stack(rows)
+
+
 def coerce_item(spec: ModalitySpec, index: int, item: object) -> Item:
-    """Turn a tensor, numpy array or nested float list into a checked ``(n, input_dim)`` float32 tensor."""
+    """Turn a float tensor, float numpy array or nested list of numbers into a checked ``(n, input_dim)``
+    float32 tensor. Only real floating dtypes (lists: Python/numpy numbers, not bools or strings),
+    finite values with ``|x| <= MAX_ABS_VALUE``."""
     where = _where(spec.name, index)
     expected = f"shape ({spec.input_dim},) or (n, {spec.input_dim})"
     if isinstance(item, torch.Tensor):
-        if item.is_complex() or item.dtype == torch.bool:
-            raise InputError(f"{where}: expected a real float tensor with {expected}, got dtype {item.dtype}")
-        t = item.detach().to(torch.float32)
+        src = _check_tensor(where, expected, item)
+        if src.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            src = src.to(torch.float32)  # float8 kinds: widened before the checks
+    elif isinstance(item, np.ndarray):
+        arr = _check_array(where, expected, item)
+        if arr.dtype not in (np.float16, np.float32, np.float64) or not arr.dtype.isnative:
+            arr = arr.astype(np.float64)  # long double, big-endian: torch takes neither
+        src = torch.from_numpy(np.ascontiguousarray(arr))
+    elif as_list(item) is not None:
+        src = torch.from_numpy(_list_values(where, expected, as_list(item)))
     else:
-        try:
-            arr = np.asarray(item, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{where}: expected numbers with {expected}, got {type(item).__name__} ({e})") from None
-        t = torch.from_numpy(arr)
-    if t.dim() == 1:
-        t = t.unsqueeze(0)
-    if t.dim() != 2:
-        raise InputError(f"{where}: expected rank 1 or 2 with {expected}, got rank {t.dim()} shape {tuple(t.shape)}")
-    if t.shape[0] == 0 or t.shape[1] == 0:
-        raise InputError(f"{where}: empty item, expected {expected} with n >= 1, got shape {tuple(t.shape)}")
-    if t.shape[1] != spec.input_dim:
-        raise InputError(f"{where}: wrong last dimension, expected {spec.input_dim}, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
+        raise InputError(f"{where}: expected a float tensor, float array or list of numbers with {expected}, "
+                         f"got {type(item).__name__}")
+    if src.dim() == 1:
+        src = src.unsqueeze(0)
+    if src.dim() != 2:
+        raise InputError(f"{where}: expected rank 1 or 2 with {expected}, got rank {src.dim()} shape {tuple(src.shape)}")
+    if src.shape[0] == 0 or src.shape[1] == 0:
+        raise InputError(f"{where}: empty item, expected {expected} with n >= 1, got shape {tuple(src.shape)}")
+    if src.shape[1] != spec.input_dim:
+        raise InputError(f"{where}: wrong last dimension, expected {spec.input_dim}, got shape {tuple(src.shape)}")
+    if not torch.isfinite(src).all():
         raise InputError(f"{where}: contains NaN or Inf values")
-    return t
+    peak = float(src.abs().max())
+    if peak > MAX_ABS_VALUE:
+        raise InputError(f"{where}: a value of magnitude {peak:.3g} is out of range, expected |x| <= "
+                         f"{MAX_ABS_VALUE:g} (larger values overflow the LM's float16/bfloat16 range after projection)")
+    return src.to(torch.float32).contiguous()
 
 
 def is_single_item(value: object) -> bool:
     """A tensor/array is one item; a list is one item only if its first element is a number."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return True
-    return isinstance(value, Sequence) and len(value) > 0 and isinstance(value[0], (int, float, np.number))
+    values = as_list(value)
+    return bool(values) and isinstance(values[0], _NUMBER_TYPES + (np.bool_,))
+
+
+def item_list(name: str, value: object) -> list:
+    """A modality's value as its list of items (one item, a list of items, or None for none)."""
+    if value is None:
+        return []
+    if is_single_item(value):
+        return [value]
+    values = as_list(value)
+    if values is None:
+        raise InputError(f"{_where(name, 0)}: expected an item or a list of items, got {type(value).__name__}")
+    return values
 
 
 def coerce_items(specs: Mapping[str, ModalitySpec], embeddings: Mapping[str, object] | None) -> dict[str, list[Item]]:
@@ -72,14 +175,10 @@ def coerce_items(specs: Mapping[str, ModalitySpec], embeddings: Mapping[str, obj
         raise InputError(f"multimodal_embeddings: expected a mapping of modality name to items, got {type(embeddings).__name__}")
     out: dict[str, list[Item]] = {}
     for name, value in embeddings.items():
-        if name not in specs:
+        if not isinstance(name, str) or name not in specs:
             raise InputError(f"{_where(str(name), 0)}: unknown modality, this checkpoint has {sorted(specs)}")
         spec = specs[name]
-        if value is None:
-            value = []
-        values = [value] if is_single_item(value) else value
-        if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
-            raise InputError(f"{_where(name, 0)}: expected an item or a list of items, got {type(value).__name__}")
+        values = item_list(name, value)
         if len(values) > spec.max_items:
             raise InputError(f"{_where(name, spec.max_items)}: too many items, expected at most "
                              f"{spec.max_items}, got {len(values)}")
@@ -87,9 +186,79 @@ def coerce_items(specs: Mapping[str, ModalitySpec], embeddings: Mapping[str, obj
     return out
 
 
+# -- text ---------------------------------------------------------------------------------------------
+# User text may contain the strings of the tokenizer's special tokens ("<|im_start|>", "</s>"). Unless
+# the caller allows it, those must not become the special tokens (no role injection through a user
+# message): ``user_text`` wraps each such string in two lone surrogates, which valid user text never
+# holds (``check_text`` refuses them), and ``tokenize`` gives a wrapped string its plain-text tokens.
+# Placeholders are the exception: they are how items are placed. Chat templates render around the
+# wrapped strings, so the template's own special tokens stay special.
+LITERAL_OPEN, LITERAL_CLOSE = "\ud800", "\udfff"
+_LITERAL = re.compile(f"{LITERAL_OPEN}(.*?){LITERAL_CLOSE}", re.S)
+
+
+def check_text(where: str, value: object) -> str:
+    """A ``str`` that is valid Unicode text (encodes to UTF-8: no lone surrogates)."""
+    if not isinstance(value, str):
+        raise InputError(f"{where}: expected a string, got {type(value).__name__}", where.split("[")[0].split(".")[0])
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where}: not valid UTF-8 (a lone surrogate \\u{ord(value[e.start]):04x} at character "
+                         f"{e.start})", where.split("[")[0].split(".")[0]) from None
+    return value
+
+
+def special_strings(tokenizer, specs: Mapping[str, ModalitySpec]) -> tuple[str, ...]:
+    """The tokenizer's special-token strings, placeholders excluded (cached on the tokenizer)."""
+    cached = getattr(tokenizer, "_mmfuse_specials", None)
+    if cached is None:
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        found = {t.content for t in decoder.values() if getattr(t, "special", False)}
+        found |= set(getattr(tokenizer, "all_special_tokens", []) or [])
+        found -= {s.placeholder for s in specs.values()}
+        cached = tuple(sorted((s for s in found if s), key=len, reverse=True))
+        try:
+            tokenizer._mmfuse_specials = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def user_text(where: str, text: object, tokenizer, specs: Mapping[str, ModalitySpec],
+              allow_special_tokens: bool = False) -> str:
+    """Check user-supplied text and, unless ``allow_special_tokens``, mark its special-token strings
+    so that ``tokenize`` reads them as plain text."""
+    text = check_text(where, text)
+    if allow_special_tokens:
+        return text
+    specials = [s for s in special_strings(tokenizer, specs) if s in text]
+    if not specials:
+        return text
+    pattern = re.compile("|".join(map(re.escape, specials)))
+    return pattern.sub(lambda m: f"{LITERAL_OPEN}{m.group(0)}{LITERAL_CLOSE}", text)
+
+
+def tokenize(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt; strings marked by ``user_text`` become plain-text tokens, not special ones."""
+    if LITERAL_OPEN not in text:
+        return list(tokenizer(text)["input_ids"])
+    ids = list(tokenizer("")["input_ids"])  # what the tokenizer adds by itself (a BOS)
+    pos = 0
+    for m in _LITERAL.finditer(text):
+        if m.start() > pos:
+            ids += tokenizer(text[pos:m.start()], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(m.group(1), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        pos = m.end()
+    if pos < len(text):
+        ids += tokenizer(text[pos:], add_special_tokens=False)["input_ids"]
+    return ids
+
+
 def rows_of(spec: ModalitySpec, item: Item) -> int:
-    """Soft tokens an item becomes: one block of ``tokens_per_item`` rows per vector."""
-    return item.shape[0] * spec.tokens_per_item
+    """Soft tokens an item becomes: one block of ``tokens_per_item`` rows per vector, except that a
+    resampler turns any (n, d) item into exactly ``tokens_per_item`` rows."""
+    return spec.tokens_per_item if spec.resamples else item.shape[0] * spec.tokens_per_item
 
 
 @dataclass

@@ -6,11 +6,13 @@ first: metrics (every answer counted and timed), guards (API key, body size).
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import errors
@@ -20,9 +22,35 @@ from .metrics import MetricsMiddleware
 from .responses import chat_chunks, chat_response, completion_chunks, completion_response
 from .serving import Serving
 from .settings import ServerSettings
+from .wire import BodyInvalid, parse_json
 
-ERRORS = {status: {"model": P.ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+ERRORS = {status: {"model": P.ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 503)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body is read by ``wire.parse_json`` (duplicate keys, NaN, lone surrogates and
+    container counts refused) instead of ``json.loads``; large bodies are parsed off the event loop."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = await asyncio.to_thread(parse_json, body) if len(body) > OFF_LOOP_BYTES \
+                    else parse_json(body)
+            except BodyInvalid as e:
+                raise errors.BodyError(str(e), e.param) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+        return route
 
 
 def create_app(serving: Serving, settings: ServerSettings) -> FastAPI:
@@ -35,6 +63,7 @@ def create_app(serving: Serving, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="mmfuse", version="1", lifespan=lifespan,
                   description="OpenAI-compatible text generation with named embedding modalities")
+    app.router.route_class = StrictJSONRoute
     app.state.serving = serving
     app.state.settings = settings
     metrics = serving.metrics

@@ -36,6 +36,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     lim.add_argument("--max-n", type=int, default=d.max_n, help="completions per request")
     lim.add_argument("--max-queue", type=int, default=d.max_queue, help="requests in flight; 429 beyond")
+    lim.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings, help="stop strings per request")
+    lim.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, help="characters per stop string")
+    lim.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=d.header_timeout_s,
+                     help="seconds for a request's headers to arrive; the connection is closed beyond")
+    lim.add_argument("--body-timeout", dest="body_timeout_s", type=float, default=d.body_timeout_s,
+                     help="seconds for a request's body to arrive after its headers; 408 beyond")
+    lim.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=d.request_timeout_s,
+                     help="seconds for a whole answer, streams included; 503 beyond")
+    lim.add_argument("--max-connections", type=int, default=d.max_connections,
+                     help="concurrent connections and requests; 503 beyond")
+    lim.add_argument("--public-metrics", action="store_true",
+                     help="serve /metrics, /openapi.json and /docs without the API key")
     eng = p.add_argument_group("engine")
     eng.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                      help="most requests per batch (vLLM: max_num_seqs)")
@@ -78,7 +90,10 @@ def run_serve(args: argparse.Namespace) -> int:
     # that second delivery is a no-op, so a requested stop is a clean exit (status 0), not a kill
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    from .guards import header_timeout_protocol
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=settings.graceful_shutdown_s, access_log=False)
+                            timeout_graceful_shutdown=settings.graceful_shutdown_s, access_log=False,
+                            limit_concurrency=settings.max_connections,
+                            http=header_timeout_protocol(settings.header_timeout_s))
     uvicorn.Server(config).run()
     return 0

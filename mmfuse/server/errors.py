@@ -50,11 +50,16 @@ def _path(loc) -> str | None:
     return ".".join(keep) or None
 
 
+MAX_LISTED_ERRORS = 5  # schema errors spelled out in one answer; the rest are counted
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The most specific schema error as (message, dotted field path).
+    """The schema errors as (message, dotted field path of the most specific one).
 
     With unions pydantic reports one error per branch; the deepest location is the branch the
     client most likely meant (an embedding object with a bad dtype, not "content is not a string").
+    The message lists that one first, then up to ``MAX_LISTED_ERRORS - 1`` others (one per field),
+    then how many more there were.
     """
     errors = exc.errors()
     if not errors:
@@ -66,8 +71,29 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = _path(best.get("loc", ()))
     if param is None and best.get("type") in ("model_attributes_type", "dict_type"):
         return "the body must be a JSON object, sent with Content-Type: application/json", None
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return f"{param or 'body'}: {best.get('msg', 'invalid value')}{more}", param
+    listed, seen = [f"{param or 'body'}: {best.get('msg', 'invalid value')}"], {param}
+    for e in errors:  # union branches of one field collapse to the field's best error
+        where = _path(e.get("loc", ()))
+        if where in seen or _prefix_of(where, seen):
+            continue
+        seen.add(where)
+        if len(listed) < MAX_LISTED_ERRORS:
+            listed.append(f"{where or 'body'}: {e.get('msg', 'invalid value')}")
+    rest = len(seen) - len(listed)
+    return "; ".join(listed) + (f" (and {rest} more)" if rest > 0 else ""), param
+
+
+def _prefix_of(where: str | None, seen: set) -> bool:
+    return where is not None and any(s is not None and (s.startswith(where + ".") or where.startswith(s + "."))
+                                     for s in seen)
+
+
+class BodyError(HTTPException):
+    """A body refused before schema validation (``wire.parse_json``): 400 with the field when known."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "json_invalid"):
+        super().__init__(400, message)
+        self.message, self.param, self.code = message, param, code
 
 
 def install(app: FastAPI, on_error) -> None:
@@ -81,7 +107,12 @@ def install(app: FastAPI, on_error) -> None:
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError):
         on_error("input_error")
-        return error_response(400, str(exc), None, "input_error")
+        return error_response(400, str(exc), getattr(exc, "param", None), "input_error")
+
+    @app.exception_handler(BodyError)
+    async def _body_error(request: Request, exc: BodyError):
+        on_error(exc.code)
+        return error_response(400, exc.message, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -3,6 +3,11 @@
 Parsing only: these models check JSON types and ranges. Embeddings are decoded
 by ``wire``, and checked against the checkpoint by ``mmfuse.inputs``.
 Unknown fields are refused (400 naming the field) rather than silently ignored.
+Types are strict: no string for a number (``"max_tokens": "2"``), no number or
+string for a bool (``"stream": "yes"``), no float for an int (``2.0``). Lists have
+length caps, and a JSON embedding array is checked by one pass that stops at its first
+bad element (``_embedding_array``), so a malformed body yields a handful of errors, not
+one per element.
 """
 from __future__ import annotations
 
@@ -10,11 +15,19 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WrapValidator
+from pydantic_core import PydanticCustomError
+
+from ..sampling import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX
+
+MAX_MESSAGES = 1024  # messages per chat request
+MAX_PARTS = 1024  # content parts per message
+MAX_WIRE_ITEMS = 256  # embeddings per modality in multimodal_embeddings (the server's item caps are lower)
+MAX_MODALITIES = 64  # keys of multimodal_embeddings
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # -- embeddings on the wire ---------------------------------------------------------------------------------
@@ -23,11 +36,51 @@ class EncodedEmbedding(_Strict):
     """Raw little-endian values of ``shape`` (``[dim]`` or ``[n, dim]``), base64-encoded."""
 
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=2)
+    shape: list[Annotated[int, Field(ge=1, le=INT32_MAX)]] = Field(min_length=1, max_length=2)
     data: str
 
 
-Embedding = EncodedEmbedding | list[float] | list[list[float]]
+_NUMBERS = {int, float}
+
+
+def _first_bad(row: list) -> int:
+    return next(i for i, v in enumerate(row) if type(v) not in _NUMBERS)
+
+
+def _embedding_array(value, handler):
+    """A JSON embedding array in one pass, stopping at the first element that cannot be valid
+    (one error, not one per element and union branch); ``{dtype, shape, data}`` goes to pydantic."""
+    if type(value) is list:
+        if value and type(value[0]) is list:
+            width = len(value[0])
+            for i, row in enumerate(value):
+                if type(row) is not list:
+                    raise PydanticCustomError("embedding_row", "row {i}: expected an array of numbers, got {got}",
+                                              {"i": i, "got": type(row).__name__})
+                if not set(map(type, row)) <= _NUMBERS:
+                    j = _first_bad(row)
+                    raise PydanticCustomError("embedding_value", "[{i}][{j}]: expected a number, got {got}",
+                                              {"i": i, "j": j, "got": _json_type(row[j])})
+                if len(row) != width:
+                    raise PydanticCustomError("embedding_ragged", "row {i} has {n} values, row 0 has {w}",
+                                              {"i": i, "n": len(row), "w": width})
+        elif not set(map(type, value)) <= _NUMBERS:
+            j = _first_bad(value)
+            raise PydanticCustomError("embedding_value", "[{j}]: expected a number, got {got}",
+                                      {"j": j, "got": _json_type(value[j])})
+        return value
+    if type(value) is dict:
+        return handler(value)
+    raise PydanticCustomError("embedding_type", "expected an array of numbers, an array of such arrays, or "
+                              "{{dtype, shape, data}}, got {got}", {"got": _json_type(value)})
+
+
+def _json_type(value) -> str:
+    return {bool: "a boolean", str: "a string", dict: "an object", list: "an array", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+Embedding = Annotated[EncodedEmbedding | list[float] | list[list[float]], WrapValidator(_embedding_array)]
 
 
 class TextPart(_Strict):
@@ -48,8 +101,12 @@ ContentPart = Annotated[TextPart | EmbeddingPart, Field(discriminator="type")]
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
     name: str | None = None
+
+
+EmbeddingMap = Annotated[dict[str, Annotated[list[Embedding], Field(max_length=MAX_WIRE_ITEMS)]],
+                         Field(max_length=MAX_MODALITIES)]
 
 
 # -- requests -------------------------------------------------------------------------------------------
@@ -62,13 +119,15 @@ class _Sampling(_Strict):
     """Fields shared by both endpoints. ``max_tokens`` None = the server's default."""
 
     model: str | None = None  # None = the served model
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: float = Field(default=1.0, ge=0, le=2)  # 0 or [0.01, 2] (SamplingConfig)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)  # extension (vLLM's): 0 = off
-    n: int = Field(default=1, ge=1)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(default=None)
+    top_k: int = Field(default=0, ge=0, le=INT32_MAX)  # extension (vLLM's): 0 = off
+    n: int = Field(default=1, ge=1, le=INT32_MAX)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | Annotated[
+        list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    allow_special_tokens: bool = False  # extension: let the text's special-token strings act as special tokens
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility, unused
@@ -77,18 +136,18 @@ class _Sampling(_Strict):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # newer name of max_tokens
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)  # newer name of max_tokens
     logprobs: bool = False  # the chosen tokens' logprobs
     top_logprobs: int | None = Field(default=None, ge=0, le=0)  # alternatives are not returned
-    multimodal_embeddings: dict[str, list[Embedding]] | None = None  # for placeholders written as text
+    multimodal_embeddings: EmbeddingMap | None = None  # for placeholders written as text
 
 
 class CompletionRequest(_Sampling):
     prompt: str
     logprobs: int | None = Field(default=None, ge=0, le=0)  # 0: the chosen tokens' logprobs only
     echo: Literal[False] = False  # echoing the prompt is not supported
-    multimodal_embeddings: dict[str, list[Embedding]] | None = None
+    multimodal_embeddings: EmbeddingMap | None = None
 
 
 # -- responses ------------------------------------------------------------------------------------------

@@ -26,6 +26,14 @@ class ServerSettings:
     default_max_tokens: int = 64  # when a request gives none
     max_n: int = 8  # completions per request
     max_queue: int = 256  # requests waiting or running; 429 beyond
+    max_stop_strings: int = 4  # stop strings per request (OpenAI's limit; at most sampling.MAX_STOP_STRINGS)
+    max_stop_chars: int = 512  # characters per stop string (at most sampling.MAX_STOP_CHARS)
+    # connection limits: slow or stalled clients cannot hold connections or the engine
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this; else the connection is closed
+    body_timeout_s: float = 30.0  # its body within this after the headers; else 408 and the connection is closed
+    request_timeout_s: float = 600.0  # a request's whole answer (streams included); 503 (or the stream ends) beyond
+    max_connections: int = 512  # concurrent connections plus requests (uvicorn limit_concurrency); 503 beyond
+    public_metrics: bool = False  # /metrics, /openapi.json and /docs without the API key (/health always is)
     # engine
     max_batch_size: int = 32  # transformers backend: most requests generated as one batch
     dtype: str = "float32"  # fp32 on CPU: bf16 matmuls are far slower there
@@ -42,10 +50,17 @@ class ServerSettings:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
         positive = ("port", "max_body_bytes", "max_tokens_limit", "default_max_tokens", "max_n", "max_queue",
-                    "max_batch_size")
+                    "max_batch_size", "max_stop_strings", "max_stop_chars", "max_connections")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s", "request_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
+        from ..sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
+        if self.max_stop_strings > MAX_STOP_STRINGS or self.max_stop_chars > MAX_STOP_CHARS:
+            raise ConfigError(f"max_stop_strings/max_stop_chars: at most {MAX_STOP_STRINGS}/{MAX_STOP_CHARS}, got "
+                              f"{self.max_stop_strings}/{self.max_stop_chars}")
         for name in ("max_items_per_modality", "max_prompt_tokens", "max_model_len", "torch_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -7,16 +7,80 @@ the wire is ever unpickled or given to ``torch.load``. The declared shape is
 checked against the byte length *before* anything is decoded or allocated, so a
 huge shape with little data costs nothing. Shape, dimension and NaN checks
 against the checkpoint are left to ``mmfuse.inputs`` (shared with the Python API).
+
+``parse_json`` reads a request body strictly, before pydantic sees it: valid UTF-8,
+standard JSON only (no NaN/Infinity), no duplicate keys, no lone surrogates in strings,
+and at most ``MAX_JSON_CONTAINERS`` objects and arrays (counted on the raw bytes before
+parsing, so a body of a million ``{}`` costs one byte scan, not gigabytes of objects).
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 
 import numpy as np
 
 from ..inputs import InputError
+
+# Most JSON objects plus arrays in one body (brackets inside strings count too). A legitimate body
+# needs a few per message and one per embedding row; 100,000 is far above that while bounding the
+# Python objects a 16 MiB body can turn into.
+MAX_JSON_CONTAINERS = 100_000
+
+
+class BodyInvalid(ValueError):
+    """The body is not acceptable JSON; ``param`` names the field when one is known."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise BodyInvalid(f"{key}: duplicate key in a JSON object (each field may be given once)", key)
+        if type(value) is str:
+            _utf8(key, value)
+        out[_utf8("a key", key)] = value
+    return out
+
+
+def _utf8(where: str, text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BodyInvalid(f"{where}: not valid UTF-8 (a lone surrogate \\u{ord(text[e.start]):04x} at character "
+                          f"{e.start})", where if where != "a key" else None) from None
+    return text
+
+
+def _constant(name: str):
+    raise BodyInvalid(f"the body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_json(body: bytes) -> object:
+    """A request body -> Python objects, refusing what standard JSON or the API does not allow."""
+    containers = body.count(b"{") + body.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        raise BodyInvalid(f"the body holds {containers} JSON objects and arrays, at most {MAX_JSON_CONTAINERS} are "
+                          "accepted (send large embeddings as base64 {dtype, shape, data})")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BodyInvalid(f"the body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_object, parse_constant=_constant)
+    except json.JSONDecodeError as e:
+        raise BodyInvalid(f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits, nesting too deep
+        if isinstance(e, BodyInvalid):
+            raise
+        raise BodyInvalid(f"the body is not valid JSON: {str(e)[:200]}") from None
+
 
 # little-endian layouts; bfloat16 has no numpy dtype, it is the top half of a float32
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
