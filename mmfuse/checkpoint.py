@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from .config import ConfigError, MMFuseConfig, ModalitySpec, base_architecture, wrapper_architecture
 from .inputs import EncodedPrompt, InputError, PreparedPrompt, encode_token_ids
-from .projectors import build_projectors
+from .projectors import build_projectors, resolve_spec
 
 PROJECTOR_FILE = "mm_projectors.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -184,9 +184,7 @@ def _resolve_specs(specs: Iterable[ModalitySpec], lm_hidden: int) -> dict[str, M
     for spec in specs:
         if spec.name in out:
             raise ConfigError(f"modality {spec.name!r} given twice")
-        if spec.projector == "mlp2x_gelu" and spec.hidden_dim is None:
-            spec.hidden_dim = lm_hidden  # store the resolved size so the file says what the weights are
-        out[spec.name] = spec
+        out[spec.name] = resolve_spec(spec, lm_hidden)  # the file says what the weights are; checks vs the LM
     return out
 
 
@@ -254,3 +252,75 @@ def _resize_and_save(src: Path, dst: Path, vocab: int) -> None:
     lm = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     lm.resize_token_embeddings(vocab, pad_to_multiple_of=64)
     lm.save_pretrained(dst)
+
+
+def add_modality(ckpt: str | os.PathLike, modalities: Iterable[ModalitySpec], seed: int = 0) -> Path:
+    """Grow a (trained) checkpoint in place: a placeholder token and a fresh projector per new modality.
+
+    Every existing weight stays bit-identical: the LM files are not rewritten when the embedding
+    matrix has spare rows (as ``init``), and the old projectors' tensors are copied as stored. Without
+    spare rows the matrix grows once (old rows unchanged). Train only the new projectors with
+    ``mmfuse train --train-modalities NAME``. The config is written last: it is what declares them.
+    """
+    from transformers import AddedToken, AutoTokenizer
+
+    path = Path(ckpt)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: not a local checkpoint directory (add-modality changes it in place)")
+    config = read_config(path)
+    old = MMFuseConfig.from_hf_config(config)
+    hidden = config.get("text_config", config)["hidden_size"]
+    new = _resolve_specs(modalities, hidden)
+    taken = sorted(set(new) & set(old.modalities))
+    if taken:
+        raise ConfigError(f"{path}: modality {taken[0]!r} is already in this checkpoint")
+    mm = MMFuseConfig(modalities={**old.modalities, **new})  # checks placeholders are unique
+    for f in weight_files(path):  # the old projector tensors are rewritten into PROJECTOR_FILE only
+        if f.name != PROJECTOR_FILE and _holds_projectors(f):
+            raise ConfigError(f"{f}: holds mm_projectors.* tensors besides {PROJECTOR_FILE}; re-save the "
+                              f"checkpoint with mmfuse first")
+    torch.manual_seed(seed)
+    state = {PROJECTOR_PREFIX + k: v.contiguous()
+             for k, v in build_projectors(new, hidden).state_dict().items()}
+    old_state = load_projector_state(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_tokens([AddedToken(s.placeholder, special=True, normalized=False) for s in new.values()],
+                   special_tokens=True)
+    text = config.get("text_config", config)
+    if len(tok) > text["vocab_size"]:
+        text["vocab_size"] = _grow_embeddings(path, len(tok))
+    tok.save_pretrained(path)
+    state.update({PROJECTOR_PREFIX + k: v for k, v in old_state.items()})
+    tmp = path / (PROJECTOR_FILE + ".tmp")  # not *.safetensors: never listed in the index
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / PROJECTOR_FILE)
+    write_index(path)
+    config["mmfuse"] = mm.to_dict()
+    write_config(path, config)
+    return path
+
+
+def _holds_projectors(f: Path) -> bool:
+    with safe_open(f, framework="pt") as st:
+        return any(k.startswith(PROJECTOR_PREFIX) for k in st.keys())
+
+
+def _grow_embeddings(path: Path, vocab: int) -> int:
+    """No spare embedding rows: resize once (old rows kept, placeholder rows never read), replace the LM
+    weight files; returns the new vocab size."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    lm.resize_token_embeddings(vocab, pad_to_multiple_of=64)
+    size = lm.get_input_embeddings().weight.shape[0]
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        lm.save_pretrained(tmp)
+        del lm
+        for f in weight_files(path):
+            if f.name != PROJECTOR_FILE:
+                f.unlink()  # a symlink (init --link) is removed, never written through
+        for f in weight_files(Path(tmp)):
+            os.replace(f, path / f.name)
+    return size

@@ -365,7 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     s.set_defaults(func=_bench)
 
+    s = command(sub, "add-modality", "add modalities to a checkpoint in place (placeholder token + fresh "
+                                     "projector); existing weights stay bit-identical")
+    s.add_argument("ckpt", help="local mmfuse checkpoint directory (changed in place)")
+    s.add_argument("--modality", action="append", required=True, type=_modality_type, metavar="SPEC",
+                   help="a new modality: NAME:DIM[:PROJECTOR][,key=value...], as for `mmfuse init`; repeat for "
+                        "several. Then train it alone: mmfuse train CKPT DATA --stage 1 --train-modalities NAME")
+    s.add_argument("--seed", type=int, default=0, help="projector initialisation seed")
+    s.set_defaults(func=_add_modality)
     return p
+
+
+def _add_modality(args: argparse.Namespace) -> None:
+    from .checkpoint import add_modality
+
+    out = add_modality(args.ckpt, args.modality, seed=args.seed)
+    print(f"added {', '.join(s.name for s in args.modality)} to {out}")
 
 
 BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load",

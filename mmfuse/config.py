@@ -14,7 +14,22 @@ from typing import Any
 FORMAT_VERSION = 1
 ARCH_PREFIX = "MMFuse"
 NAME_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
-PROJECTOR_KINDS = ("linear", "mlp2x_gelu")
+# projector kinds (built in mmfuse.projectors): mlp{N}x_{act} is a family, matched by MLP_KIND
+PROJECTOR_KINDS = ("linear", "mlp2x_gelu", "mlp{N}x_{act}", "identity", "resampler")
+MLP_KIND = re.compile(r"mlp(\d+)x_(gelu|silu|relu|tanh|quick_gelu)\Z")
+RESAMPLER_DEFAULTS = {"resampler_layers": 2, "resampler_heads": 8}  # small: 2 blocks, 8 heads
+
+
+def check_projector_kind(kind: object) -> str | None:
+    """Why ``kind`` is not a projector kind (None when it is): ``linear``, ``identity``, ``resampler``,
+    or ``mlp{N}x_{act}`` with N >= 2 linear layers and act in gelu, silu, relu, tanh, quick_gelu."""
+    if kind in ("linear", "identity", "resampler"):
+        return None
+    m = MLP_KIND.match(kind) if isinstance(kind, str) else None
+    if m is None:
+        return ("is not one of linear, mlp{N}x_{act} (e.g. mlp2x_gelu; act: gelu, silu, relu, tanh, quick_gelu), "
+                "identity, resampler")
+    return None if int(m.group(1)) >= 2 else "needs N >= 2 linear layers (one layer is `linear`)"
 
 
 class ConfigError(ValueError):
@@ -32,6 +47,9 @@ class ModalitySpec:
     tokens_per_item: int = 1  # soft tokens per input vector
     placeholder: str | None = None  # None = "<|NAME|>"
     max_items: int = 16  # bounds prompt growth and engine memory per request
+    # resampler only (None for other kinds; RESAMPLER_DEFAULTS when omitted): cross-attention blocks, heads
+    resampler_layers: int | None = None
+    resampler_heads: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.match(self.name):
@@ -44,8 +62,18 @@ class ModalitySpec:
                 raise ConfigError(f"modality {self.name!r}: {key} must be a positive int, got {value!r}")
         if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int) or self.hidden_dim < 1):
             raise ConfigError(f"modality {self.name!r}: hidden_dim must be a positive int, got {self.hidden_dim!r}")
-        if self.projector not in PROJECTOR_KINDS:
-            raise ConfigError(f"modality {self.name!r}: projector {self.projector!r} is not one of {PROJECTOR_KINDS}")
+        why = check_projector_kind(self.projector)
+        if why:
+            raise ConfigError(f"modality {self.name!r}: projector {self.projector!r} {why}")
+        for key in RESAMPLER_DEFAULTS:
+            value = getattr(self, key)
+            if value is not None and (self.projector != "resampler" or not isinstance(value, int)
+                                      or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"modality {self.name!r}: {key} must be a positive int for a resampler "
+                                  f"(and unset for other kinds), got {value!r} with projector {self.projector!r}")
+        if self.projector == "identity" and (self.tokens_per_item != 1 or self.hidden_dim is not None):
+            raise ConfigError(f"modality {self.name!r}: an identity projector passes vectors through: "
+                              f"tokens_per_item must be 1 and hidden_dim unset")
         if not self.placeholder or any(ch.isspace() for ch in self.placeholder):
             raise ConfigError(f"modality {self.name!r}: placeholder {self.placeholder!r} must be non-empty without spaces")
 
@@ -56,9 +84,17 @@ class ModalitySpec:
             raise ConfigError(f"modality {name!r}: unknown fields {sorted(unknown)}")
         return cls(name=name, **data)
 
+    @property
+    def resamples(self) -> bool:
+        """True when any (n, d) item becomes exactly ``tokens_per_item`` rows (else n * tokens_per_item)."""
+        return self.projector == "resampler"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("name")
+        for key in RESAMPLER_DEFAULTS:  # written only for a resampler: other kinds' files stay as they were
+            if d[key] is None:
+                d.pop(key)
         return d
 
 
@@ -104,7 +140,9 @@ class MMFuseConfig:
 MODALITY_SYNTAX = "NAME:DIM[:PROJECTOR][,tokens=K][,hidden=H][,placeholder=P][,max_items=N]"
 # option keys of the CLI form -> ModalitySpec fields (the field names are accepted too)
 MODALITY_OPTIONS = {"tokens": "tokens_per_item", "tokens_per_item": "tokens_per_item", "hidden": "hidden_dim",
-                    "hidden_dim": "hidden_dim", "placeholder": "placeholder", "max_items": "max_items"}
+                    "hidden_dim": "hidden_dim", "placeholder": "placeholder", "max_items": "max_items",
+                    "layers": "resampler_layers", "resampler_layers": "resampler_layers",
+                    "heads": "resampler_heads", "resampler_heads": "resampler_heads"}
 
 
 def parse_modality_arg(arg: str) -> ModalitySpec:

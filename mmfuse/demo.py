@@ -122,26 +122,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", default=str(CKPT_DIR), help="mmfuse checkpoint (default: the shipped demo/ckpt)")
     parser.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
                         help="auto: vLLM when importable, else transformers")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's and transformers' logs")
     args = parser.parse_args(argv)
+    from .logs import configure, status
+
+    configure("INFO" if args.verbose else None)  # one status line per stage; library chatter behind -v
     ckpt = Path(args.ckpt)
     if not (ckpt / "config.json").exists():
         _build_on_the_fly(ckpt)
     sentences = args.sentences or list(DEMO_SENTENCES)
 
-    from transformers.utils import logging as hf_logging
-
-    from .backends import select_backend
     from .pipeline import MultimodalPipeline
 
-    hf_logging.disable_progress_bar()  # weight-loading bars and engine INFO logs would bury the table
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
-    backend = select_backend(args.backend)
-    print(f"Encoding {len(sentences)} sentences with MiniLM (sent: 1 x {EMBED_DIM}, tok: n x {EMBED_DIM})...",
-          flush=True)
+    status(f"encoding {len(sentences)} sentences with MiniLM (sent: 1 x {EMBED_DIM}, tok: n x {EMBED_DIM})")
     items = encode(sentences)
-    pipe = MultimodalPipeline(ckpt, backend=backend)
-    outputs = pipe.generate([request(x) for x in items], max_tokens=24)
+    with MultimodalPipeline(ckpt, backend=args.backend) as pipe:
+        status(f"generating ({pipe.backend.name})")
+        outputs = pipe.generate([request(x) for x in items], max_tokens=24)
     print(f"\nbackend: {pipe.backend.name}    prompt: {PROMPT!r}  (the text is the same for every input)\n")
     width = max(len(s) for s in sentences)
     print(f"{'MiniLM input'.ljust(width)}  | {'model output'}")
@@ -149,9 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     for s, x, out in zip(sentences, items, outputs):
         mark = "ok" if out.strip() == s.strip() else "differs"
         print(f"{s.ljust(width)}  | {out.strip()}   [{mark}, tok rows: {x['tok'][0].shape[0]}]")
-    close = getattr(pipe.backend, "close", None)  # the vLLM backend: stop the engine's processes now
-    if close:
-        close()
     return 0
 
 

@@ -3,8 +3,8 @@
 ``configure(level)`` is called once by the ``mmfuse`` command (``-v`` / ``-vv`` /
 ``--log-level``) before anything heavy is imported; library users may call it too.
 
-- ``level=None`` (the default: quiet): vLLM logs warnings and worse
-  (``VLLM_LOGGING_LEVEL`` when unset), transformers and libtorch's C++ logging errors
+- ``level=None`` (the default: quiet): vLLM logs errors only (``VLLM_LOGGING_LEVEL`` when
+  unset; its warnings are ~20 lines of kernel and platform notes per start), transformers and libtorch's C++ logging errors
   only, no Hugging Face progress bars, and Python warnings of torch, transformers, vLLM,
   accelerate and peft are not shown (in child processes such as vLLM's engine core:
   no Deprecation/Future/UserWarnings at all, via ``PYTHONWARNINGS``); mmfuse's own
@@ -82,7 +82,7 @@ def configure(level: str | None = None) -> None:
         root.setLevel(numeric)
     logging.getLogger("mmfuse").setLevel(numeric if explicit else logging.INFO)
 
-    vllm_level = name or "WARNING"
+    vllm_level = name or "ERROR"
     transformers_level = name.lower() if explicit else "error"
     _env("VLLM_LOGGING_LEVEL", vllm_level, explicit)
     _env("VLLM_LOGGING_STREAM", "ext://sys.stderr", False)  # stdout carries results (generated text, JSON)
@@ -129,6 +129,17 @@ def _env(key: str, value: str, force: bool) -> None:
         _OURS[key] = value
 
 
+def quiet_engine() -> None:
+    """Called before vLLM is first imported: its quiet defaults (errors only, on stderr) unless the user,
+    or ``configure``, set others. Library users who never call ``configure`` get these too."""
+    if _level is None:
+        _env("VLLM_LOGGING_LEVEL", "ERROR", False)
+    _env("VLLM_LOGGING_STREAM", "ext://sys.stderr", False)
+    # vLLM configures its loggers only once an engine starts; what it logs while importing (e.g. that
+    # Triton has no CPU backend) would otherwise reach Python's last-resort handler at WARNING
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+
+
 def level() -> str | None:
     """The level given to the last ``configure`` call (None: the quiet default)."""
     return _level
@@ -146,4 +157,4 @@ def status(msg: str) -> None:
     print(f"mmfuse: {msg}", file=sys.stderr, flush=True)
 
 
-__all__ = ["configure", "status", "level", "verbose", "LEVELS"]
+__all__ = ["configure", "quiet_engine", "status", "level", "verbose", "LEVELS"]

@@ -9,15 +9,18 @@ them in async engines (``mmfuse.server.engines``).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..checkpoint import Checkpoint
-from ..config import ModalitySpec
+from ..config import ConfigError, ModalitySpec
 from ..inputs import EncodedPrompt, PreparedPrompt
+from ..logs import status
 from ..sampling import Completion, SamplingConfig
+from .vllm_defaults import EngineOptions
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -74,10 +77,26 @@ def select_backend(backend: str = "auto") -> str:
     return backend
 
 
+# vLLM engine options that mean nothing to transformers, with the values that ask for nothing
+ENGINE_ONLY = {f.name: f.default for f in dataclasses.fields(EngineOptions) if f.name != "dtype"}
+
+
 def open_backend(model: str | os.PathLike, backend: str = "auto", **options: Any) -> Backend:
-    """Load ``model`` (checkpoint directory or hub id) in the selected backend; ``options`` go to its constructor."""
-    if select_backend(backend) == "vllm":
+    """Load ``model`` (checkpoint directory or hub id) in the selected backend; ``options`` go to its constructor.
+
+    vLLM engine options (``kv_cache_gb``, ``max_model_len``, ...) are refused with ``backend="hf"``
+    and dropped, with a status line, when ``auto`` finds no vLLM to give them to.
+    """
+    name = select_backend(backend)
+    status(f"loading {model} ({name} backend)")
+    if name == "vllm":
         from .vllm import VLLMBackend
         return VLLMBackend(model, **options)
+    engine_only = sorted(k for k, v in options.items() if k in ENGINE_ONLY and v != ENGINE_ONLY[k])
+    if engine_only and backend == "hf":
+        raise ConfigError(f"{engine_only[0]}: a vLLM engine option; the transformers backend (backend='hf') "
+                          f"does not take it")
+    if engine_only:
+        status(f"vLLM is not installed: running on transformers without {', '.join(engine_only)}")
     from .hf import HFBackend
-    return HFBackend(model, **options)
+    return HFBackend(model, **{k: v for k, v in options.items() if k not in ENGINE_ONLY})

@@ -17,7 +17,7 @@ from . import CheckpointBackend
 from ..checkpoint import Checkpoint, load_projector_state, open_checkpoint, read_config, save_projectors, write_config
 from ..config import ConfigError, wrapper_architecture
 from ..inputs import EncodedPrompt, InputError, Item, PreparedPrompt
-from ..projectors import build_projectors
+from ..projectors import build_projectors, project_items
 from ..sampling import Completion, SamplingConfig, truncate_at_stop
 
 
@@ -56,14 +56,9 @@ class MMFuseModel(nn.Module):
         return next(self.lm.parameters()).device
 
     def project(self, items: Mapping[str, Sequence[Item]]) -> dict[str, torch.Tensor]:
-        """One projector call per modality over all its items: {name: [rows, H]}."""
-        out = {}
-        for name, its in items.items():
-            if its:
-                proj = self.mm_projectors[name]
-                x = torch.cat(list(its)).to(self.device, next(proj.parameters()).dtype)
-                out[name] = proj(x)
-        return out
+        """One projector call per modality over all its items (``project_items``): {name: [rows, H]}."""
+        return {name: torch.cat(project_items(self.mm_projectors[name], list(its)))
+                for name, its in items.items() if its}
 
     def embed(self, input_ids: torch.Tensor, items: Mapping[str, Sequence[Item]]) -> torch.Tensor:
         """inputs_embeds [B, S, H] with the projected rows in place of the placeholders."""

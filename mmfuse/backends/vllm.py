@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..inputs import EncodedPrompt
+from ..logs import status, verbose
 from ..sampling import Completion, SamplingConfig, truncate_at_stop
 from . import CheckpointBackend
 from .vllm_defaults import EngineOptions, apply_process_defaults
@@ -31,12 +33,20 @@ def engine_args(checkpoint: Checkpoint, options: EngineOptions, **engine_kwargs:
     from vllm.platforms import current_platform
 
     args: dict[str, Any] = dict(model=str(checkpoint.path), dtype=options.dtype, max_model_len=options.max_model_len,
-                                enable_prefix_caching=True, tensor_parallel_size=options.tensor_parallel_size)
+                                enable_prefix_caching=True, tensor_parallel_size=options.tensor_parallel_size,
+                                use_tqdm_on_load=verbose())  # a weight-loading bar per start, behind -v
     if current_platform.is_cpu():
         args["enforce_eager"] = True  # graph capture only costs time on CPU
     args.update(options.memory_args(current_platform.is_cpu()))
     args.update(engine_kwargs)
     return args
+
+
+def _describe(args: dict[str, Any]) -> str:
+    """The engine settings a user may want to see or change, for the status line."""
+    kv = args.get("kv_cache_memory_bytes")
+    memory = f"KV cache {kv / 2**30:.1f} GiB" if kv else f"gpu_memory_utilization {args.get('gpu_memory_utilization', 'default')}"
+    return f"{args['dtype']}, {memory}, max_model_len {args.get('max_model_len') or 'from the model'}"
 
 
 def to_request(encoded: EncodedPrompt) -> dict[str, Any]:
@@ -81,18 +91,21 @@ class VLLMBackend(CheckpointBackend):
     def __init__(self, model_path: str | os.PathLike, dtype: str = "float32", max_model_len: int | None = None,
                  kv_cache_gb: float | None = None, gpu_memory_utilization: float | None = None,
                  tensor_parallel_size: int = 1, device: str | None = None, **engine_kwargs: Any):
+        options = EngineOptions(dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
+                                gpu_memory_utilization=gpu_memory_utilization,
+                                tensor_parallel_size=tensor_parallel_size)
+        core = apply_process_defaults(offline=True, tensor_parallel_size=tensor_parallel_size)
+        from vllm import LLM
         from vllm.platforms import current_platform
 
         if device is not None and str(device).split(":")[0] != current_platform.device_type:
             raise ValueError(f"device: this vLLM build runs on {current_platform.device_type!r}, got {device!r}")
-        options = EngineOptions(dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
-                                gpu_memory_utilization=gpu_memory_utilization,
-                                tensor_parallel_size=tensor_parallel_size)
-        apply_process_defaults(offline=True, tensor_parallel_size=tensor_parallel_size)
-        from vllm import LLM
-
         self.checkpoint = open_checkpoint(model_path)  # the HF backend's tokenizer: same ids
-        self.llm = LLM(**engine_args(self.checkpoint, options, **engine_kwargs))
+        args = engine_args(self.checkpoint, options, **engine_kwargs)
+        status(f"starting the vLLM engine ({_describe(args)}, engine core {core})")
+        started = time.perf_counter()
+        self.llm = LLM(**args)
+        status(f"vLLM engine ready in {time.perf_counter() - started:.0f} s")
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.prompt_limit = self.max_model_len - 1  # vLLM keeps room for one generated token
         # stop the engine before interpreter teardown: otherwise vLLM reports its exit as unexpected

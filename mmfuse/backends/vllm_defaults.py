@@ -97,16 +97,20 @@ def cpu_binding(ranks: int) -> str:
     return "|".join(",".join(map(str, cpus[r * per:(r + 1) * per])) for r in range(ranks))
 
 
-def apply_process_defaults(offline: bool, tensor_parallel_size: int = 1) -> None:
-    """Set vLLM's CPU environment defaults in this process (children inherit them); user settings win.
+def apply_process_defaults(offline: bool, tensor_parallel_size: int = 1) -> str:
+    """Set vLLM's environment defaults in this process (children inherit them); user settings win.
+    Returns where the engine core runs (``"in-process"`` or ``"own process"``), for the status line.
 
     ``offline``: an engine owned by this script (``vllm.LLM``), which may run in-process.
     """
+    from ..logs import quiet_engine
+
+    quiet_engine()  # before vLLM's first import: its loggers read the environment then
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        return
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tensor_parallel_size))
-    if offline and not main_script_is_guarded():
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if current_platform.is_cpu():
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tensor_parallel_size))
+        if offline and not main_script_is_guarded():
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    return "in-process" if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" else "own process"

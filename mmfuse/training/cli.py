@@ -55,6 +55,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a non-empty --out: its earlier checkpoint, metrics and train_state/ are "
                         "removed first (default: refuse)")
+    p.add_argument("--train-modalities", type=lambda v: [n.strip() for n in v.split(",") if n.strip()],
+                   default=None, metavar="NAME[,NAME...]",
+                   help="train only these modalities' projectors, the others frozen (e.g. after `mmfuse "
+                        "add-modality`; default: every projector)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--lora-r", type=int, default=16, help="LoRA rank for stage 2")
     kind.add_argument("--full", action="store_true", help="stage 2: train every LM weight (default: LoRA)")

@@ -30,6 +30,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # LoRA scale numerator; None = 2 * lora_r (a common, stable choice)
     lora_dropout: float = 0.0  # 0 keeps runs reproducible without RNG bookkeeping inside peft
     full: bool = False  # stage 2: train every LM weight instead of LoRA adapters
+    train_modalities: list[str] | None = None  # projectors to train (the others frozen); None = all of them
     epochs: int = 1  # passes over DATA; ignored when max_steps is set
     max_steps: int | None = None  # optimiser steps in total; required with streaming (length unknown)
     batch_size: int = 8  # rows per process per micro-step
@@ -60,6 +61,9 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise TrainConfigError("overwrite: cannot be combined with resume (--resume continues the run in out, "
                                    "--overwrite replaces it)")
+        if self.train_modalities is not None and (not self.train_modalities or not all(
+                isinstance(n, str) and n for n in self.train_modalities)):
+            raise TrainConfigError(f"train_modalities: expected modality names, got {self.train_modalities!r}")
         if self.full and self.stage != 2:
             raise TrainConfigError("full: training the whole LM is stage 2 (--stage 2 --full)")
         positive = ["lora_r", "epochs", "batch_size", "grad_accum", "keep_states", "log_every"]
@@ -112,7 +116,8 @@ class TrainConfig:
 # options that must not change between a run and its resumption: they decide the data order,
 # what is trained and the lr curve, so changing them would silently train something else
 RESUME_INVARIANTS = ("data", "stage", "lora_r", "lora_alpha", "full", "epochs", "max_steps", "batch_size",
-                     "grad_accum", "lr", "weight_decay", "warmup", "schedule", "shuffle", "seed", "streaming")
+                     "grad_accum", "lr", "weight_decay", "warmup", "schedule", "shuffle", "seed", "streaming",
+                     "train_modalities")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """What each stage trains, and how the result becomes a checkpoint again.
 
-- stage 1: projectors only; the LM is frozen, and the export reuses the input
-  checkpoint's LM files (hard links when possible) plus a new projector file.
+- stage 1: projectors only (with ``train_modalities``, only those named); the LM is frozen, and the
+  export reuses the input checkpoint's LM files (hard links when possible) plus a new projector file.
 - stage 2: projectors + LoRA adapters on every linear layer of the LM's blocks
   (peft ``all-linear``: attention and MLP, never the output head), merged into
   the LM weights at export; or, with ``full``, every LM weight.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import INDEX_FILE, PROJECTOR_FILE, PROJECTOR_PREFIX, read_config, save_projectors, weight_files
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 
 STATE_DIR = "train_state"
 REPORT_FILES = ("metrics.json", "loss_curve.png")  # written by a run into OUT; never carried over
@@ -34,7 +34,13 @@ def setup_trainable(model, config: TrainConfig):
     The names are those of ``model.named_parameters()`` and key the saved training state.
     """
     model.requires_grad_(False)
-    model.mm_projectors.requires_grad_(True)
+    names = config.train_modalities or list(model.mm_projectors)
+    unknown = sorted(set(names) - set(model.mm_projectors))
+    if unknown:
+        raise TrainConfigError(f"train_modalities: {unknown} not in this checkpoint's modalities "
+                               f"{list(model.mm_projectors)}")
+    for name in names:  # the other projectors stay frozen: their weights are exported bit-identical
+        model.mm_projectors[name].requires_grad_(True)
     peft_model = None
     if config.trainable == "full":
         model.lm.requires_grad_(True)

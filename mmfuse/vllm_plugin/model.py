@@ -27,7 +27,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..checkpoint import SUPPORTED_BASES
 from ..config import ConfigError, MMFuseConfig, base_architecture
-from ..projectors import build_projectors
+from ..projectors import build_projectors, project_items
 from .processing import MMFuseDummyInputsBuilder, MMFuseMultiModalProcessor, MMFuseProcessingInfo, feats_key
 
 
@@ -59,17 +59,13 @@ class MMFuseForCausalLM(nn.Module, SupportsMultiModal):
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        """Rows for each item in the batch, in item order: a list of [n_i * tokens_per_item, H]."""
+        """Rows for each item in the batch, in item order: a list of [rows_of(spec, item), H]."""
         out: list[torch.Tensor] = []
         for name, proj in self.mm_projectors.items():
             feats = kwargs.get(feats_key(name))
-            if feats is None:
-                continue
-            items = list(feats)  # stacked [B, n, d] when all items have the same n, else a list of [n_i, d]
-            w = next(proj.parameters())
-            # one projector call for the whole batch, then split back per item
-            rows = proj(torch.cat(items).to(w.device, w.dtype))
-            out.extend(rows.split([x.shape[0] * proj.tokens_per_item for x in items]))
+            if feats is not None:
+                # stacked [B, n, d] when all items have the same n, else a list of [n_i, d]
+                out.extend(project_items(proj, list(feats)))
         return out
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,

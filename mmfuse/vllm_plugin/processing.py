@@ -9,7 +9,8 @@ Data path inside vLLM (0.32 processor API):
       -> MMFuseMultiModalProcessor.apply: the shared placeholder rule on token ids
          (mmfuse.inputs.place_placeholder_ids): no placeholder at all -> items first;
          otherwise placeholder/item counts must match
-      -> PromptReplacement: each placeholder id becomes n * tokens_per_item copies of itself
+      -> PromptReplacement: each placeholder id becomes rows_of(spec, item) copies of itself
+         (n * tokens_per_item; tokens_per_item for a resampler)
       -> the model gets {NAME}_feats per item and projects it (see model.py)
 
 Prefix caching: vLLM keys each item by ``hash(model_id, NAME=tensor)`` where a tensor
@@ -102,8 +103,9 @@ class MMFuseProcessingInfo(BaseProcessingInfo):
         return {"text_kwargs": set()}  # there is no HF processor to pass kwargs to
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        # one (n, d) item may fill the whole context: n * tokens_per_item <= seq_len
-        return {n: max(s.tokens_per_item, seq_len // s.tokens_per_item * s.tokens_per_item)
+        # one (n, d) item may fill the whole context: n * tokens_per_item <= seq_len; a resampler's is K rows
+        return {n: s.tokens_per_item if s.resamples else max(s.tokens_per_item,
+                                                             seq_len // s.tokens_per_item * s.tokens_per_item)
                 for n, s in self.specs.items()}
 
 
@@ -119,7 +121,8 @@ class MMFuseDummyInputsBuilder(BaseDummyInputsBuilder[MMFuseProcessingInfo]):
         for name, count in mm_counts.items():
             if count:
                 spec = self.info.specs[name]
-                n = max(1, seq_len // (count * spec.tokens_per_item))
+                # a resampler's n is not bounded by the context: profile it with seq_len rows per item
+                n = seq_len if spec.resamples else max(1, seq_len // (count * spec.tokens_per_item))
                 data[name] = [torch.zeros(n, spec.input_dim)] * count
         return data
 

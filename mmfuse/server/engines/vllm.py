@@ -19,6 +19,7 @@ from ...backends.vllm import engine_args, to_completion, to_request, to_sampling
 from ...backends.vllm_defaults import EngineOptions, apply_process_defaults
 from ...checkpoint import open_checkpoint
 from ...inputs import EncodedPrompt, InputError
+from ...logs import status
 from ...sampling import Completion, SamplingConfig
 from . import Delta, PromptEncoder
 
@@ -33,6 +34,7 @@ class VLLMEngine:
 
         self.checkpoint = open_checkpoint(model)  # the HF backend's tokenizer: same ids
         self.specs, self.tokenizer = self.checkpoint.specs, self.checkpoint.tokenizer
+        status(f"starting the vLLM engine for {model}")
         args = AsyncEngineArgs(**engine_args(self.checkpoint, options, disable_log_stats=True, **engine_kwargs))
         self.engine = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.engine.model_config.max_model_len
