@@ -95,7 +95,8 @@ def stage(n: int, ckpt: Path, out: Path, data: Path, heldout: Path, config: Buil
     result = train(TrainConfig(ckpt=str(ckpt), data=str(data), out=str(out), stage=n, lora_r=config.lora_r,
                                epochs=epochs, batch_size=config.batch_size, lr=lr, warmup=0.05,
                                eval_data=str(heldout), eval_exact_match=True, eval_max_tokens=24,
-                               eval_batch_size=64, seed=config.seed, log_every=10))
+                               eval_batch_size=64, seed=config.seed, log_every=10,
+                               overwrite=True))  # a reused --work dir holds the previous build
     record = {"stage": n, "seconds": round(time.time() - started, 1), "steps": result.steps,
               "final_loss": result.final_loss, **{f"heldout_{k}": v for k, v in result.eval.items()}}
     print(f"stage {n}: {json.dumps(record)}", flush=True)
@@ -134,7 +135,7 @@ def build(out: Path, work: Path, config: BuildConfig) -> dict:
     timings["pretrain"] = round(time.time() - t, 1)
     specs = [ModalitySpec(name="sent", input_dim=task.EMBED_DIM, projector=config.projector),
              ModalitySpec(name="tok", input_dim=task.EMBED_DIM, projector=config.projector, max_items=4)]
-    init = init_checkpoint(base, work / "init", specs, seed=config.seed)
+    init = init_checkpoint(base, work / "init", specs, seed=config.seed, overwrite=True)
     s1 = stage(1, init, work / "stage1", work / "train.parquet", out / "heldout.parquet", config)
     s2 = stage(2, work / "stage1", work / "stage2", work / "train.parquet", out / "heldout.parquet", config)
     ship(work / "stage2", out / "ckpt")
