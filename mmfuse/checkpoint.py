@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, MMFuseConfig, ModalitySpec, base_architecture, wrapper_architecture
-from .inputs import EncodedPrompt, InputError, PreparedPrompt, encode_token_ids
+from .inputs import EncodedPrompt, InputError, PreparedPrompt, encode_token_ids, tokenize
 from .projectors import build_projectors, resolve_spec
 
 PROJECTOR_FILE = "mm_projectors.safetensors"
@@ -145,7 +145,7 @@ class Checkpoint:
         ``max_len``: the most tokens the prompt may have after items expand (default the LM's
         length); InputError when it does not fit, is empty, or placeholders and items disagree.
         """
-        ids = self.tokenizer(prepared.text)["input_ids"]
+        ids = tokenize(self.tokenizer, prepared.text)  # strings marked by inputs.user_text stay plain text
         return encode_token_ids(ids, prepared.items, self.specs, self.placeholder_ids,
                                 self.max_len if max_len is None else max_len, self.bos_token_id)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from .backends import open_backend
 from .chat import render_messages
-from .inputs import EncodedPrompt, InputError, PreparedPrompt, prepare
-from .sampling import Completion, SamplingConfig, engine_sampling
+from .inputs import EncodedPrompt, InputError, PreparedPrompt, prepare, user_text
+from .sampling import Completion, SamplingConfig, check_room, engine_sampling
 
 
 class MultimodalPipeline:
@@ -38,10 +38,13 @@ class MultimodalPipeline:
         if not isinstance(mm, Mapping):
             raise InputError("multimodal_data: expected a dict like {'multimodal_embeddings': {NAME: [items]}}")
         embeddings = mm.get("multimodal_embeddings")
+        allow = request.get("allow_special_tokens", False)  # special-token strings in the text act as such
+        if not isinstance(allow, bool):
+            raise InputError(f"allow_special_tokens: expected True or False, got {type(allow).__name__}")
         if "messages" in request:
-            text, embeddings = render_messages(request["messages"], self.tokenizer, self.specs, embeddings)
+            text, embeddings = render_messages(request["messages"], self.tokenizer, self.specs, embeddings, allow)
         elif "text" in request:
-            text = request["text"]
+            text = user_text("text", request["text"], self.tokenizer, self.specs, allow)
         else:
             raise InputError("input: expected a 'text' or a 'messages' field")
         return prepare(text, embeddings, self.specs)
@@ -53,7 +56,10 @@ class MultimodalPipeline:
     def generate_completions(self, inputs: Mapping | Sequence[Mapping], sampling: SamplingConfig) -> list[list[Completion]]:
         """Full records (text, token ids, finish reason, logprobs) for each input, ``n`` each."""
         batch = [inputs] if isinstance(inputs, Mapping) else list(inputs)
-        results = self.backend.generate([self.encode(r) for r in batch], engine_sampling(sampling))
+        encoded = [self.encode(r) for r in batch]
+        for e in encoded:  # max_tokens must fit after each prompt
+            check_room(sampling, e.num_tokens, self.backend.max_model_len)
+        results = self.backend.generate(encoded, engine_sampling(sampling))
         return [cs if len(cs) == sampling.n else [dataclasses.replace(cs[0]) for _ in range(sampling.n)]
                 for cs in results]
 
@@ -62,10 +68,11 @@ class MultimodalPipeline:
                  seed: int | None = None, stop: str | list[str] | None = None, n: int = 1) -> Any:
         """Generate text. One dict in -> a str (a list of n str when n > 1); a list in -> a list of those."""
         if max_tokens is not None and max_new_tokens is not None and max_tokens != max_new_tokens:
-            raise ValueError("give max_tokens or max_new_tokens, not both")
+            raise InputError("max_tokens: give max_tokens or max_new_tokens, not both", "max_tokens")
         limit = max_tokens if max_tokens is not None else max_new_tokens
-        sampling = SamplingConfig(max_tokens=limit or 64, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  seed=seed, stop=list([stop] if isinstance(stop, str) else stop or []), n=n)
+        # SamplingConfig checks every value (exact types and ranges) and raises InputError naming it
+        sampling = SamplingConfig(max_tokens=64 if limit is None else limit, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, seed=seed, stop=stop, n=n)
         results = self.generate_completions(inputs, sampling)
         texts = [[c.text for c in cs] if n > 1 else cs[0].text for cs in results]
         return texts[0] if isinstance(inputs, Mapping) else texts

@@ -132,10 +132,64 @@ def _load_projectors(model: MMFuseModel, path) -> None:
     model.mm_projectors.load_state_dict(state)
 
 
+class RequestsFailed(InputError):
+    """Some prompts of a batch could not run (their own input made the model's numbers non-finite);
+    ``results[i]`` holds the others' completions, ``failed[i]`` the reason for each failed prompt i."""
+
+    def __init__(self, results: list[list[Completion] | None], failed: dict[int, str]):
+        first = min(failed)
+        super().__init__(f"prompt {first}: {failed[first]}" if len(results) > 1 else failed[first])
+        self.results, self.failed = results, failed
+
+
+class _FiniteScores:
+    """A logits processor: a row whose scores hold NaN or +inf (or are all -inf) would make sampling fail
+    for the whole batch; it gets a finite (uniform) row instead and is remembered, so only its request fails."""
+
+    def __init__(self) -> None:
+        self.bad: set[int] = set()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = scores.isnan().any(-1) | scores.isposinf().any(-1) | scores.isneginf().all(-1)
+        if bad.any():
+            rows = bad.nonzero().flatten().tolist()
+            self.bad.update(rows)
+            scores = scores.clone()
+            scores[bad] = 0.0
+        return scores
+
+
 @torch.inference_mode()
 def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
-    """Generate for a batch of encoded prompts at once (left padding); ``n`` completions each."""
-    from transformers import GenerationConfig
+    """Generate for a batch of encoded prompts at once (left padding); ``n`` completions each.
+
+    A prompt whose projected rows or scores are not finite fails alone: the others are generated
+    and returned in ``RequestsFailed.results`` (raised when any prompt failed).
+    """
+    failed: dict[int, str] = {}
+    for i, p in enumerate(prompts):  # projected rows must be finite (a cheap pass: projectors are small)
+        for name, rows in model.project(p.items).items():
+            if not torch.isfinite(rows).all():
+                failed[i] = (f"modality {name!r}: the projected rows hold NaN or Inf (the items' values overflow "
+                             f"the projector in {rows.dtype}); send smaller values")
+                break
+    keep = [i for i in range(len(prompts)) if i not in failed]
+    results: list[list[Completion] | None] = [None] * len(prompts)
+    guard = _FiniteScores()
+    if keep:
+        for i, r in zip(keep, _generate([prompts[i] for i in keep], model, sampling, guard)):
+            results[i] = r
+    for row in guard.bad:
+        failed[keep[row // sampling.n]] = ("the model's scores became NaN or Inf while generating (this request's "
+                                           "items drive it out of range); refused")
+    if failed:
+        raise RequestsFailed([None if i in failed else r for i, r in enumerate(results)], failed)
+    return results
+
+
+def _generate(prompts: Sequence[EncodedPrompt], model: MMFuseModel, sampling: SamplingConfig,
+              guard: _FiniteScores) -> list[list[Completion]]:
+    from transformers import GenerationConfig, LogitsProcessorList
 
     tok = model.tokenizer
     ids = [p.expanded_ids for p in prompts]
@@ -156,7 +210,7 @@ def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: Sam
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     out = model.lm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=gen,
-                            tokenizer=tok if sampling.stop else None)
+                            logits_processor=LogitsProcessorList([guard]), tokenizer=tok if sampling.stop else None)
     seqs = out.sequences  # [B * n, new]: with inputs_embeds only new tokens come back
     logprobs = None
     if sampling.logprobs:

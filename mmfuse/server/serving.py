@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Mapping
 from pydantic import BaseModel
 
 from ..chat import render_messages
-from ..inputs import EncodedPrompt, InputError, prepare
+from ..inputs import EncodedPrompt, InputError, prepare, user_text
 from ..sampling import Completion, SamplingConfig, engine_sampling
 from . import protocol as P
 from .engines import Delta
@@ -80,10 +80,15 @@ class Serving:
         if req.n > self.settings.max_n:
             raise APIError(400, f"n: {req.n} exceeds this server's limit of {self.settings.max_n}", "n")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise APIError(400, "stop: expected up to 4 non-empty strings", "stop")
-        return SamplingConfig(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                              seed=req.seed, stop=stop, n=req.n, logprobs=logprobs)
+        most, chars = self.settings.max_stop_strings, self.settings.max_stop_chars
+        if len(stop) > most or any(len(s) > chars for s in stop):
+            raise APIError(400, f"stop: expected at most {most} strings of at most {chars} characters, got "
+                                f"{len(stop)} of up to {max(map(len, stop))}", "stop")
+        try:  # the one validation layer (types, ranges, UTF-8), shared with the Python API
+            return SamplingConfig(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                  top_k=req.top_k, seed=req.seed, stop=stop, n=req.n, logprobs=logprobs)
+        except InputError as e:
+            raise APIError(400, str(e), e.param, "invalid_value") from None
 
     def _check_counts(self, counts: Mapping[str, int], param: str) -> None:
         """Too many items is refused before any of them is decoded."""
@@ -136,7 +141,8 @@ class Serving:
         try:
             messages = [{"role": m.role, "content": self._content(i, m.content)} for i, m in enumerate(req.messages)]
             extra = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
-            text, items = render_messages(messages, self.engine.tokenizer, self.specs, extra)
+            text, items = render_messages(messages, self.engine.tokenizer, self.specs, extra,
+                                          req.allow_special_tokens)
         except InputError as e:
             raise APIError(400, str(e), "messages", "input_error") from None
         return await self._finish(text, items, "messages", sampling, req,
@@ -162,7 +168,11 @@ class Serving:
             items = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
         except InputError as e:
             raise APIError(400, str(e), "multimodal_embeddings", "input_error") from None
-        return await self._finish(req.prompt, items, "prompt" if not items else "multimodal_embeddings", sampling, req,
+        try:
+            prompt = user_text("prompt", req.prompt, self.engine.tokenizer, self.specs, req.allow_special_tokens)
+        except InputError as e:
+            raise APIError(400, str(e), "prompt", "input_error") from None
+        return await self._finish(prompt, items, "prompt" if not items else "multimodal_embeddings", sampling, req,
                             req.max_tokens is not None)
 
     # -- generation -------------------------------------------------------------------------------------

@@ -153,3 +153,51 @@ class MMFuseMultiModalProcessor(BaseMultiModalProcessor[MMFuseProcessingInfo]):
         given = {n: len(items) for n, items in mm_items.items()}
         return place_placeholder_ids(ids, given, self.info.specs, self.info.placeholder_ids,
                                      self.info.get_tokenizer().bos_token_id)
+
+
+# -- placeholders without items ----------------------------------------------------------------------------
+# vLLM runs the multimodal processor above only for requests that carry multi_modal_data. A text-only
+# request to vllm.LLM / AsyncLLM whose prompt (or prompt_token_ids) holds a placeholder id would otherwise
+# reach the model and read the placeholder's embedding row, which the checkpoint format says is never read.
+# vLLM validates every request's final token ids in InputProcessor._validate_model_input, in the frontend,
+# before anything is queued: the guard below extends that check for mmfuse models (refused with the same
+# InputError the transformers backend raises; the engine never sees the request).
+
+def _placeholders_of(processor) -> dict[int, tuple[str, str]]:
+    """{placeholder id: (modality, placeholder)} of an mmfuse model's InputProcessor ({} for other models)."""
+    cached = getattr(processor, "_mmfuse_placeholders", None)
+    if cached is None:
+        hf_config = processor.model_config.hf_config
+        cached = {}
+        if getattr(hf_config, "mmfuse", None) is not None and processor.tokenizer is not None:
+            specs = MMFuseConfig.from_hf_config(hf_config).modalities
+            cached = {pid: (n, specs[n].placeholder)
+                      for n, pid in placeholder_token_ids(processor.tokenizer, specs).items()}
+        processor._mmfuse_placeholders = cached
+    return cached
+
+
+def install_placeholder_guard() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor._validate_model_input
+    if getattr(original, "mmfuse_guard", False):
+        return
+
+    def _validate_model_input(self, prompt_input, prompt_type):
+        original(self, prompt_input, prompt_type)
+        if prompt_input.get("type") != "token":  # "multimodal": the processor checked placeholders and items
+            return
+        placeholders = _placeholders_of(self)
+        if placeholders:
+            found = placeholders.keys() & set(prompt_input["prompt_token_ids"])
+            if found:
+                name, text = placeholders[min(found)]
+                raise InputError(f"modality {name!r} item 0: placeholder {text} #0 has no item (the request "
+                                 f"carries no multi_modal_data; give the items, or remove the placeholder)")
+
+    _validate_model_input.mmfuse_guard = True
+    InputProcessor._validate_model_input = _validate_model_input
+
+
+install_placeholder_guard()

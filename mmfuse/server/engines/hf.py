@@ -17,8 +17,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import astuple, dataclass
 
-from ...backends.hf import HFBackend
-from ...inputs import EncodedPrompt
+from ...backends.hf import HFBackend, RequestsFailed
+from ...inputs import EncodedPrompt, InputError
 from ...sampling import Completion, SamplingConfig
 from . import Delta, PromptEncoder, completion_deltas
 
@@ -33,8 +33,12 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
-def _key(s: SamplingConfig) -> tuple:
-    return tuple(tuple(v) if isinstance(v, list) else v for v in astuple(s))
+def _key(job: "_Job") -> tuple:
+    """Requests with equal keys run as one batch. A seeded sampled request runs alone: the seed seeds the
+    whole batch, so its answer would otherwise depend on which requests arrived beside it."""
+    s = job.sampling
+    alone = (id(job),) if s.seed is not None and not s.greedy else ()
+    return tuple(tuple(v) if isinstance(v, list) else v for v in astuple(s)) + alone
 
 
 class HFEngine:
@@ -93,7 +97,7 @@ class HFEngine:
                 batch.append(job)
             groups: dict[tuple, list[_Job]] = {}
             for job in batch:
-                groups.setdefault(_key(job.sampling), []).append(job)
+                groups.setdefault(_key(job), []).append(job)
             for jobs in groups.values():
                 self._run(jobs)
 
@@ -103,6 +107,11 @@ class HFEngine:
             results = self.backend.generate([j.encoded for j in jobs], jobs[0].sampling)
             if self.on_batch is not None:
                 self.on_batch(len(jobs), time.perf_counter() - start)
+        except RequestsFailed as e:  # some requests' own input failed them: the others get their answers
+            for i, j in enumerate(jobs):
+                error = InputError(e.failed[i]) if i in e.failed else None
+                j.loop.call_soon_threadsafe(_settle, j.future, e.results[i], error)
+            return
         except Exception as e:  # noqa: BLE001 - handed to each waiting request, the worker keeps going
             log.exception("batch of %d failed", len(jobs))
             for j in jobs:
