@@ -384,7 +384,7 @@ def _add_modality(args: argparse.Namespace) -> None:
 
 
 BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load",
-              "engine-core": "mmfuse.bench.engine_core"}
+              "engine-core": "mmfuse.bench.engine_core", "projectors": "mmfuse.bench.projectors"}
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -86,10 +86,15 @@ class CrossAttentionBlock(nn.Module):
         return q + self.ff(self.norm_ff(q))
 
 
+# the resampler's default width: its blocks cost ~12 D^2 parameters each, so D = 4096 (a 7B LM's
+# hidden size) would make a 424M-parameter projector; 1024 keeps it near 30M whatever the LM
+RESAMPLER_WIDTH = 1024
+
+
 class Resampler(nn.Module):
     """K learned queries cross-attend over an item's rows for L blocks: (n, d) -> (K, H) for any n.
 
-    Rows are projected to the width D (``hidden_dim``, default the LM hidden size), given
+    Rows are projected to the width D (``hidden_dim``, default min(LM hidden size, 1024)), given
     sinusoidal positions over their index (order matters, no largest n), and read by the
     queries through ``resampler_layers`` blocks (``resampler_heads`` heads each); a final
     LayerNorm and Linear map the K queries to the LM's hidden size.
@@ -97,7 +102,7 @@ class Resampler(nn.Module):
 
     def __init__(self, spec: ModalitySpec, lm_hidden: int):
         super().__init__()
-        dim = spec.hidden_dim or lm_hidden
+        dim = spec.hidden_dim or min(lm_hidden, RESAMPLER_WIDTH)
         layers = spec.resampler_layers or RESAMPLER_DEFAULTS["resampler_layers"]
         heads = spec.resampler_heads or RESAMPLER_DEFAULTS["resampler_heads"]
         if dim % heads or dim % 2:
@@ -172,9 +177,10 @@ def build_projector(spec: ModalitySpec, lm_hidden: int) -> nn.Module:
 def resolve_spec(spec: ModalitySpec, lm_hidden: int) -> ModalitySpec:
     """Fill the sizes a checkpoint's config should state (so the file says what the weights are) and
     check the spec against the LM: ``hidden_dim`` of MLPs and resamplers, the resampler's layers and heads."""
-    if MLP_KIND.match(spec.projector) or spec.resamples:
+    if MLP_KIND.match(spec.projector):
         spec.hidden_dim = spec.hidden_dim or lm_hidden
     if spec.resamples:
+        spec.hidden_dim = spec.hidden_dim or min(lm_hidden, RESAMPLER_WIDTH)
         for key, value in RESAMPLER_DEFAULTS.items():
             setattr(spec, key, getattr(spec, key) or value)
     with torch.device("meta"):  # the builders' checks (identity size, heads), without allocating
