@@ -36,7 +36,7 @@ class EncodedEmbedding(_Strict):
     """Raw little-endian values of ``shape`` (``[dim]`` or ``[n, dim]``), base64-encoded."""
 
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    shape: list[Annotated[int, Field(ge=1, le=INT32_MAX)]] = Field(min_length=1, max_length=2)
+    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=2)  # vs. the data: wire.py
     data: str
 
 
