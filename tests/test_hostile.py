@@ -325,6 +325,7 @@ def _closed_within(s: socket.socket, limit: float) -> tuple[float, bytes]:
     return math.inf, got
 
 
+@pytest.mark.server
 def test_slow_header_and_short_body_clients_are_cut_off(hf_server):
     """Headers at 1 byte/s: closed after --header-timeout. A body shorter than its Content-Length:
     408 and closed after --body-timeout. 20 of each at once."""
@@ -414,7 +415,8 @@ def test_metrics_and_schema_need_the_key(hf_server):
 
 def test_schemathesis_finds_no_5xx(hf_server):
     """Schemathesis over the server's OpenAPI schema: positive and negative bodies, 50 examples per
-    operation and mode (the documented budget), plus a stateful run over the operations' links."""
+    operation and mode (the budget; about 30 s here). No stateful run: the API has no links between
+    operations (each request stands alone)."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from schemathesis.generation import GenerationMode
