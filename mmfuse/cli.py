@@ -43,8 +43,11 @@ MODALITY_HELP = f"""\
 modality syntax: {MODALITY_SYNTAX}
   NAME           [a-z][a-z0-9_]*: the key of this modality's items, and the placeholder <|NAME|>
   DIM            size of one input vector (what your encoder produces)
-  PROJECTOR      one of {', '.join(PROJECTOR_KINDS)} (default mlp2x_gelu: Linear-GELU-Linear)
-  tokens=K       soft tokens each input vector becomes (default 1)
+  PROJECTOR      one of {', '.join(PROJECTOR_KINDS)} (default mlp2x_gelu: Linear-GELU-Linear;
+                 mlp{{N}}x_{{act}}: N layers, act gelu|silu|relu|tanh|quick_gelu; identity: DIM = LM hidden;
+                 resampler: K learned queries attend over an item's rows, any (n, DIM) item -> K tokens)
+  tokens=K       soft tokens each input vector becomes (default 1); for a resampler, per item
+  layers=L       resampler blocks (default 2); heads=A: its attention heads (default 8)
   hidden=H       MLP intermediate size (default: the LM's hidden size)
   placeholder=P  the prompt token that marks one item (default <|NAME|>)
   max_items=N    most items of this modality in one prompt (default 16)
@@ -270,11 +273,11 @@ def _common_options(top: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
                    help="show library logs, warnings and progress bars: -v INFO, -vv DEBUG "
-                        "(default: warnings only, plus one status line per stage)")
+                        "(default: library errors only, plus one status line per stage)")
     g.add_argument("--log-level", type=str.upper, default=None if top else argparse.SUPPRESS,
                    choices=LOG_LEVELS, metavar="LEVEL",
                    help=f"{', '.join(LOG_LEVELS)}: the level for mmfuse, vLLM and transformers logs, instead of "
-                        f"-v (default: WARNING for the libraries; ERROR also hides the status lines)")
+                        f"-v (default: ERROR for vLLM and transformers; ERROR also hides the status lines)")
     return p
 
 

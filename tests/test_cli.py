@@ -246,8 +246,8 @@ def test_verbose_and_log_level_set_library_logging(qwen3_ckpt, monkeypatch, caps
 
     for key in LOG_ENV:
         monkeypatch.delenv(key, raising=False)
-    assert main(["info", str(qwen3_ckpt)]) == 0  # quiet default: library warnings and up, no progress bars
-    assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING" and os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+    assert main(["info", str(qwen3_ckpt)]) == 0  # quiet default: vLLM and transformers errors only, no progress bars
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR" and os.environ["TRANSFORMERS_VERBOSITY"] == "error"
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and logs.level() is None
     assert "ignore::FutureWarning" in os.environ["PYTHONWARNINGS"]  # for vLLM's child processes
     assert main(["info", str(qwen3_ckpt), "-v"]) == 0  # after the command as well as before it
