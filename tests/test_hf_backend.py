@@ -48,7 +48,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama", "mistral"])
 @pytest.mark.parametrize("label, text, items", CASES, ids=[c[0] for c in CASES])
 @torch.no_grad()
 def test_fused_forward_equals_hand_built_inputs_embeds(request, family, label, text, items):
@@ -65,7 +65,7 @@ def test_fused_forward_equals_hand_built_inputs_embeds(request, family, label, t
         assert encoded.token_ids[:2] == [pid["m1"], pid["m2"]]
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama", "mistral"])
 def test_batch_with_different_item_counts_equals_each_alone(request, family):
     model = request.getfixturevalue(f"{family}_model")
     reqs = [("one <|m1|>", {"m1": [V1[0]]}),
@@ -111,3 +111,16 @@ def test_prompt_too_long_is_an_input_error(qwen3_model):
     p.text = p.text + " word" * 900
     with pytest.raises(InputError, match=r"prompt too long: .*'m1': 256.*at most 1024"):
         qwen3_model.encode(p)
+
+
+@pytest.mark.parametrize("family, arch", [("qwen3", "Qwen3"), ("qwen2", "Qwen2"), ("llama", "Llama"),
+                                          ("mistral", "Mistral")])
+def test_each_family_checkpoint_is_that_architecture_with_a_real_eos_row(request, family, arch):
+    """The tiny bases are what their names say (Qwen2 with q/k/v biases), and EOS has a row of its own, not the (zeroed) pad row."""
+    model = request.getfixturevalue(f"{family}_model")
+    assert type(model.lm).__name__ == f"{arch}ForCausalLM"
+    assert model.checkpoint.config["architectures"] == [f"MMFuse{arch}ForCausalLM"]
+    assert (model.lm.model.layers[0].self_attn.q_proj.bias is not None) == (family == "qwen2")
+    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+    assert eos != 0 and pad != eos and model.checkpoint.eos_token_ids == {eos}
+    assert model.lm.get_output_embeddings().weight[eos].abs().sum() > 0  # EOS can win a greedy step

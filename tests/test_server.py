@@ -1,8 +1,9 @@
 """``mmfuse serve`` end to end: a real server subprocess, the official ``openai`` client, raw HTTP for abuse.
 
-One HF-backed server for the session (plus one short-lived server for the SIGTERM
-test and, when vLLM is installed, one vLLM-backed server). Answers are compared
-with the offline pipeline's greedy output for the same inputs.
+One HF-backed and one vLLM-backed server for the session, started with the same limits
+(plus one short-lived server per backend for the SIGTERM test). Answers are compared
+with the offline pipeline's greedy output for the same inputs. The bad-input matrix,
+the wrong-Content-Length cases, mid-stream disconnects and SIGTERM run on both backends.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import asyncio
 import base64
 import json
 import signal
+import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -23,12 +26,16 @@ from mmfuse.client import embedding_part, encode_embedding
 from mmfuse.pipeline import MultimodalPipeline
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.server
 
 KEY = "sk-test-key"
 MAX_TOKENS = 12
 SERVER_ARGS = ("--max-body-bytes", str(256 * 1024), "--max-tokens-limit", "64", "--default-max-tokens", "16",
                "--max-n", "4", "--max-queue", "64", "--served-model-name", "tiny-qwen3", "--torch-threads", "1",
-               "--max-prompt-tokens", "200", "--max-items-per-modality", "3")
+               "--max-prompt-tokens", "200", "--max-items-per-modality", "3", "--body-timeout", "3")
+AUTH = {"Authorization": f"Bearer {KEY}"}
+# each test that takes `any_server` runs against both session servers
+BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +44,12 @@ def server(qwen3_ckpt, tmp_path_factory):
                        log=tmp_path_factory.mktemp("server") / "server.log", api_key=KEY)
     yield srv
     assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.fixture(params=BACKENDS)
+def any_server(request):
+    """The session's HF-backed or vLLM-backed server (same checkpoint, same limits)."""
+    return request.getfixturevalue("server") if request.param == "hf" else request.getfixturevalue("vllm_pair")[0]
 
 
 @pytest.fixture(scope="session")
@@ -197,7 +210,8 @@ BAD = {  # name: (path, body or raw bytes, status, text the error must contain)
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_input_is_a_4xx_naming_the_field(server, name):
+def test_bad_input_is_a_4xx_naming_the_field(any_server, name):
+    server = any_server
     path, body, status, needle = BAD[name]
     url = f"{server.url}/v1/{'chat/completions' if path == 'chat' else 'completions'}"
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -210,7 +224,8 @@ def test_bad_input_is_a_4xx_naming_the_field(server, name):
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
-def test_chunked_oversized_body_is_413(server):
+def test_chunked_oversized_body_is_413(any_server):
+    server = any_server
     def chunks():  # no Content-Length: the limit is counted as the body arrives
         for _ in range(40):
             yield b"x" * 10_000
@@ -250,7 +265,7 @@ def test_schema_fuzz_finds_no_5xx(server):
     from hypothesis import HealthCheck, given, settings
     from schemathesis.generation import GenerationMode
 
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", headers=AUTH)  # the schema needs the key
     auth = {"Authorization": f"Bearer {KEY}"}
     failures: list[str] = []
     for result in schema.get_all_operations():
@@ -290,51 +305,151 @@ def test_concurrent_clients_get_their_own_answers(server, offline):
     assert result.errors == [] and result.ok == 80
 
 
-def test_metrics_count_requests_tokens_items_and_errors(server, client):
-    client.completions.create(model="tiny-qwen3", prompt="hi", max_tokens=2,
-                              extra_body={"multimodal_embeddings": {"m2": [vec(1, 16).tolist()]}})
-    httpx.post(f"{server.url}/v1/completions", content=b"nope", headers={"Authorization": f"Bearer {KEY}"})
-    text = httpx.get(f"{server.url}/metrics").text
+def metric_values(url: str) -> dict[str, float]:
     values = {}
-    for line in text.splitlines():
+    for line in httpx.get(f"{url}/metrics", headers=AUTH).text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
-    assert values['mmfuse_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
-    assert values['mmfuse_items_total{modality="m2"}'] >= 1
-    assert values["mmfuse_generation_tokens_total"] >= 2 and values["mmfuse_prompt_tokens_total"] >= 3
-    assert values['mmfuse_errors_total{kind="json_invalid"}'] >= 1
-    assert values['mmfuse_request_latency_seconds_count{endpoint="/v1/completions"}'] >= 2
-    assert values["mmfuse_batch_size_count"] >= 1 and values["mmfuse_batch_size_sum"] >= values["mmfuse_batch_size_count"]
+    return values
 
 
-def test_sigterm_lets_the_running_request_finish_and_exits_0(qwen3_ckpt, offline, tmp_path):
-    srv = start_server(qwen3_ckpt, "--backend", "hf", "--max-tokens-limit", "1000", "--max-queue", "1",
-                       "--torch-threads", "1", log=tmp_path / "log", api_key=KEY)
-    body = {"model": str(qwen3_ckpt), "prompt": "count", "max_tokens": 300, "temperature": 0}
+def test_metrics_count_requests_tokens_items_and_errors(server, client):
+    """What one good and one bad request add to each counter (deltas: earlier tests counted too)."""
+    before = metric_values(server.url)
+    out = client.completions.create(model="tiny-qwen3", prompt="hi", max_tokens=2, temperature=0,
+                                    extra_body={"multimodal_embeddings": {"m2": [vec(1, 16).tolist()]}})
+    bad = httpx.post(f"{server.url}/v1/completions", content=b"nope", headers=AUTH)
+    assert bad.status_code == 400
+    after = metric_values(server.url)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('mmfuse_requests_total{endpoint="/v1/completions",status="200"}') == 1
+    assert delta('mmfuse_requests_total{endpoint="/v1/completions",status="400"}') == 1
+    assert delta('mmfuse_items_total{modality="m2"}') == 1 and delta('mmfuse_items_total{modality="m1"}') == 0
+    assert delta("mmfuse_generation_tokens_total") == out.usage.completion_tokens >= 1
+    assert delta("mmfuse_prompt_tokens_total") == out.usage.prompt_tokens >= 3  # "hi" + 2 soft tokens
+    assert delta('mmfuse_errors_total{kind="json_invalid"}') == 1
+    assert delta('mmfuse_request_latency_seconds_count{endpoint="/v1/completions"}') == 2
+    assert delta("mmfuse_batch_size_count") == 1 and delta("mmfuse_batch_size_sum") == 1  # it ran alone
+    assert after["mmfuse_requests_in_flight"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigterm_lets_the_running_request_finish_and_exits_0(request, backend, qwen3_ckpt, tmp_path):
+    if backend == "hf":
+        offline, engine_args, max_tokens = request.getfixturevalue("offline"), ("--torch-threads", "1"), 300
+    else:  # vLLM decodes the tiny model fast: a longer answer keeps it in flight while we act
+        offline, engine_args, max_tokens = request.getfixturevalue("vllm_pair")[1], ("--max-model-len", "1024"), 900
+    srv = start_server(qwen3_ckpt, "--backend", backend, "--max-tokens-limit", "1000", "--max-queue", "1",
+                       *engine_args, log=tmp_path / "log", api_key=KEY)
+    body = {"model": str(qwen3_ckpt), "prompt": "count", "max_tokens": max_tokens, "temperature": 0}
     answer: dict = {}
 
     def ask():
-        r = httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                       timeout=300)
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, headers=AUTH, timeout=300)
         answer.update(status=r.status_code, body=r.json(), done=time.monotonic())
 
     t = threading.Thread(target=ask)
-    t.start()
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{srv.url}/health").json()["in_flight"] == 0:  # wait until it is generating
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    busy = httpx.post(f"{srv.url}/v1/completions", json=body | {"max_tokens": 1},
-                      headers={"Authorization": f"Bearer {KEY}"})
-    assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"  # --max-queue 1
-    signalled = time.monotonic()
-    srv.proc.send_signal(signal.SIGTERM)
-    t.join(300)
-    assert srv.proc.wait(120) == 0, srv.log.read_text()[-3000:]
-    assert answer["status"] == 200 and answer["done"] > signalled
-    assert answer["body"]["choices"][0]["text"] == greedy(offline, {"text": "count"}, max_tokens=300)
+    try:
+        t.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{srv.url}/health").json()["in_flight"] == 0:  # wait until it is generating
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        busy = httpx.post(f"{srv.url}/v1/completions", json=body | {"max_tokens": 1}, headers=AUTH)
+        assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"  # --max-queue 1
+        signalled = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        t.join(300)
+        assert srv.proc.wait(120) == 0, srv.log.read_text()[-3000:]
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+    assert answer["status"] == 200 and answer["done"] > signalled  # it was still running when signalled
+    assert answer["body"]["choices"][0]["text"] == greedy(offline, {"text": "count"}, max_tokens=max_tokens)
     assert "Waiting for" in srv.log.read_text() or "Shutting down" in srv.log.read_text()
+
+
+# -- clients that misbehave at the connection level -------------------------------------------------------
+
+def raw_exchange(url: str, data: bytes, wait: float) -> tuple[bytes, bool, float]:
+    """Send raw bytes, keep the connection open, read until the server closes it or ``wait`` passes.
+
+    Returns (what came back, whether the server closed the connection, seconds taken)."""
+    parts = urlsplit(url)
+    start = time.monotonic()
+    got, closed = b"", False
+    with socket.create_connection((parts.hostname, parts.port), timeout=wait) as sock:
+        sock.sendall(data)
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+            closed = True
+        except (socket.timeout, TimeoutError):
+            pass
+        except ConnectionResetError:
+            closed = True
+    return got, closed, time.monotonic() - start
+
+
+def http_head(path: str, length: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\n").encode() + b"Content-Length: " + length + b"\r\n\r\n"
+
+
+WRONG_LENGTH = {  # name: (declared Content-Length, body actually sent)
+    "body shorter than declared": (b"100", b'{"model": "tiny-qwen3",'),
+    "non-numeric": (b"abc", b'{"model": "tiny-qwen3", "prompt": "hi"}'),
+    "negative": (b"-5", b'{"model": "tiny-qwen3", "prompt": "hi"}'),
+}
+
+
+@pytest.mark.parametrize("name", list(WRONG_LENGTH))
+def test_wrong_content_length_is_a_4xx_or_a_close_never_a_hang(any_server, name):
+    """Raw socket, connection left open: the server answers 4xx and/or closes within seconds
+    (the short body waits out --body-timeout 3, then 408)."""
+    declared, body = WRONG_LENGTH[name]
+    got, closed, took = raw_exchange(any_server.url, http_head("/v1/completions", declared) + body, wait=15)
+    status = int(got.split(b" ", 2)[1]) if got.startswith(b"HTTP/1.1 ") else None
+    assert status is not None or closed, f"no answer and the connection still open after {took:.1f} s"
+    assert status is None or 400 <= status < 500, got[:300]
+    assert took < 10, f"{name}: {took:.1f} s to answer or close"
+    if name == "body shorter than declared":
+        assert status == 408 and b"body_timeout" in got, got[:300]
+    assert httpx.get(f"{any_server.url}/health").json() == {"status": "ok", "in_flight": 0}
+
+
+def test_client_disconnecting_mid_stream_frees_its_slot(any_server):
+    """Streams dropped after their first event: in_flight goes back to 0 and the next request is served."""
+    body = json.dumps({"model": "tiny-qwen3", "prompt": "count to sixty", "max_tokens": 64, "n": 4,
+                       "temperature": 0, "stream": True}).encode()
+    for _ in range(3):
+        parts = urlsplit(any_server.url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+            sock.sendall(http_head("/v1/completions", str(len(body)).encode()) + body)
+            got = b""
+            while b"data: " not in got:  # up to the first event
+                chunk = sock.recv(4096)
+                assert chunk, got[:300]
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200"), got[:300]
+            assert b"[DONE]" not in got  # dropped mid-stream, not after the end
+        # the socket is closed here, while the server still has deltas to send
+    deadline = time.monotonic() + 30
+    while (health := httpx.get(f"{any_server.url}/health").json())["in_flight"] != 0:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    after = httpx.post(f"{any_server.url}/v1/completions", headers=AUTH, timeout=60,
+                       json={"model": "tiny-qwen3", "prompt": "count to sixty", "max_tokens": 8, "temperature": 0})
+    assert after.status_code == 200 and after.json()["choices"][0]["text"], after.text
+    with httpx.stream("POST", f"{any_server.url}/v1/completions", headers=AUTH, timeout=60,
+                      json={"model": "tiny-qwen3", "prompt": "hi", "max_tokens": 8, "stream": True}) as r:
+        assert r.status_code == 200
+        assert [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
+    assert httpx.get(f"{any_server.url}/health").json()["in_flight"] == 0
 
 
 # -- the vLLM backend ---------------------------------------------------------------------------------------
@@ -343,7 +458,7 @@ def test_sigterm_lets_the_running_request_finish_and_exits_0(qwen3_ckpt, offline
 def vllm_pair(qwen3_ckpt, tmp_path_factory):
     """A vLLM-backed server and, built while it starts, an offline vLLM pipeline on the same checkpoint."""
     pytest.importorskip("vllm")
-    srv = launch_server(qwen3_ckpt, "--backend", "vllm", "--max-model-len", "1024", "--served-model-name", "tiny-qwen3",
+    srv = launch_server(qwen3_ckpt, "--backend", "vllm", "--max-model-len", "1024", *SERVER_ARGS,
                         log=tmp_path_factory.mktemp("vllm_server") / "server.log", api_key=KEY)
     try:
         pipe = MultimodalPipeline(qwen3_ckpt, backend="vllm", max_model_len=1024)
