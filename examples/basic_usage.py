@@ -2,13 +2,14 @@
 
 ``MultimodalQwen3Pipeline(model_name=..., modality_configs=..., device=...)`` with a plain base
 LM attaches fresh projectors for m1 (768-d) and m2 (512-d) once, under ``$MMFUSE_CACHE``
-(default ``~/.cache/mmfuse``). The base here is a tiny random Qwen3-style LM made offline by
+(default ``~/.cache/mmfuse``; here a temporary directory, as the base is new on every run). The base here is a tiny random Qwen3-style LM made offline by
 ``mmfuse.tiny`` (use a hub id such as "Qwen/Qwen3-0.6B" or a local directory instead), so the
 output is gibberish: nothing is trained. Prints (the ``...`` vary):
 
     output: '...'
     ok
 """
+import os
 import tempfile
 
 import torch
@@ -16,7 +17,9 @@ import torch
 from mmfuse.tiny import make_base
 from multimodal_qwen3 import MultimodalQwen3Pipeline   # or: from mmfuse import MultimodalQwen3Pipeline
 
-base = make_base(tempfile.mkdtemp())   # a tiny random base LM with its tokenizer, no hub access needed
+work = tempfile.mkdtemp()
+base = make_base(os.path.join(work, "base"))   # a tiny random base LM with its tokenizer, no hub access needed
+os.environ["MMFUSE_CACHE"] = os.path.join(work, "cache")   # projectors for a base go here (default ~/.cache/mmfuse)
 
 pipeline = MultimodalQwen3Pipeline(
     model_name=str(base),
