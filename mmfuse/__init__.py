@@ -2,11 +2,13 @@
 
 Importing mmfuse loads no model, starts no engine and touches no device.
 """
+from . import logs
 from .checkpoint import init_checkpoint
 from .config import ConfigError, MMFuseConfig, ModalitySpec
 from .inputs import InputError
 from .sampling import Completion, SamplingConfig
 
+logs.follow_vllm_level()  # see its docstring: vLLM's engine processes import mmfuse before vLLM
 __version__ = "0.1.0"
 __all__ = ["init_checkpoint", "load", "ConfigError", "InputError", "MMFuseConfig", "ModalitySpec",
            "SamplingConfig", "Completion", "MultimodalPipeline", "MultimodalQwen3Pipeline"]

@@ -135,9 +135,17 @@ def quiet_engine() -> None:
     if _level is None:
         _env("VLLM_LOGGING_LEVEL", "ERROR", False)
     _env("VLLM_LOGGING_STREAM", "ext://sys.stderr", False)
-    # vLLM configures its loggers only once an engine starts; what it logs while importing (e.g. that
-    # Triton has no CPU backend) would otherwise reach Python's last-resort handler at WARNING
-    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    follow_vllm_level()
+
+
+def follow_vllm_level() -> None:
+    """Apply ``VLLM_LOGGING_LEVEL`` to vLLM's loggers now. vLLM configures them only once an engine
+    starts; what it logs while importing (that Triton has no CPU backend) would otherwise reach
+    Python's last-resort handler. Runs when mmfuse is imported, so vLLM's spawned engine processes,
+    which re-import the main module (and mmfuse with it) before vLLM, follow it too."""
+    value = os.environ.get("VLLM_LOGGING_LEVEL", "").upper()
+    if value in LEVELS:
+        logging.getLogger("vllm").setLevel(value)
 
 
 def level() -> str | None:

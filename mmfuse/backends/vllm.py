@@ -102,10 +102,9 @@ class VLLMBackend(CheckpointBackend):
             raise ValueError(f"device: this vLLM build runs on {current_platform.device_type!r}, got {device!r}")
         self.checkpoint = open_checkpoint(model_path)  # the HF backend's tokenizer: same ids
         args = engine_args(self.checkpoint, options, **engine_kwargs)
-        status(f"starting the vLLM engine ({_describe(args)}, engine core {core})")
         started = time.perf_counter()
         self.llm = LLM(**args)
-        status(f"vLLM engine ready in {time.perf_counter() - started:.0f} s")
+        status(f"vLLM engine ready in {time.perf_counter() - started:.0f} s ({_describe(args)}, engine core {core})")
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.prompt_limit = self.max_model_len - 1  # vLLM keeps room for one generated token
         # stop the engine before interpreter teardown: otherwise vLLM reports its exit as unexpected
