@@ -154,17 +154,24 @@ def test_stop_string_parity_with_hf(request, family):
     """A stop string taken from the middle of each greedy answer: both backends cut there, identically."""
     backend = request.getfixturevalue(f"{family}_vllm")
     hf_model = request.getfixturevalue(f"{family}_model")
+    from mmfuse.backends.vllm import to_completion, to_request, to_sampling_params
+
     prompts = [prepare(t, e, backend.specs) for t, e in PARITY_CASES]
-    full = [hf_generate(hf_model, [hf_model.encode(p)], GREEDY)[0][0] for p in prompts]
+    full = [c[0] for c in hf_generate(hf_model, [hf_model.encode(p) for p in prompts], GREEDY)]  # no stop
     cases = [(text, p, f, SamplingConfig(max_tokens=GREEDY.max_tokens, stop=[stop]))
              for (text, _), p, f in zip(PARITY_CASES, prompts, full) if (stop := stop_from(f.text))]
     assert len(cases) >= 8, [f.text for f in full]
-    for text, p, f, sampling in cases:
+    # vLLM: every case in one cold call, each request with its own stop string
+    assert backend.llm.reset_prefix_cache()
+    outs = backend.llm.generate([to_request(backend.encode(p)) for _, p, _, _ in cases],
+                                [to_sampling_params(s) for *_, s in cases], use_tqdm=False)
+    assert [o.num_cached_tokens for o in outs] == [0] * len(cases)
+    for (text, p, f, sampling), out in zip(cases, outs):
         stop = sampling.stop[0]
-        (g,) = cold(backend, [p], sampling)[0]
+        g = to_completion(out.outputs[0], backend.tokenizer, sampling)
         ref = hf_generate(hf_model, [hf_model.encode(p)], sampling)[0][0]
         where = f"{family}: {text!r} stop {stop!r} in {f.text!r}"
-        assert g.finish_reason == ref.finish_reason == "stop", where
+        assert g.finish_reason == ref.finish_reason == "stop" and out.outputs[0].stop_reason == stop, where
         assert g.text == ref.text == f.text[: f.text.find(stop)], where
         # both stopped at the token that completed the string: a prefix of the run without stop
         assert g.token_ids == ref.token_ids == f.token_ids[: len(ref.token_ids)], where
