@@ -136,6 +136,8 @@ def quiet_engine() -> None:
         _env("VLLM_LOGGING_LEVEL", "ERROR", False)
     _env("VLLM_LOGGING_STREAM", "ext://sys.stderr", False)
     follow_vllm_level()
+    if not verbose():  # a torch deprecation that vLLM's Triton shim trips on every import
+        warnings.filterwarnings("ignore", message="torch.distributed.reduce_op is deprecated", category=FutureWarning)
 
 
 def follow_vllm_level() -> None:

@@ -36,7 +36,7 @@ def make_tokenizer(out: str | os.PathLike, vocab_size: int = 512, corpus: str = 
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     specials = [pad_token, *SPECIALS] if pad_token else SPECIALS
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(corpus.splitlines(), trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
