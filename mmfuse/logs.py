@@ -137,7 +137,7 @@ def quiet_engine() -> None:
     _env("VLLM_LOGGING_STREAM", "ext://sys.stderr", False)
     follow_vllm_level()
     if not verbose():  # a torch deprecation that vLLM's Triton shim trips on every import
-        warnings.filterwarnings("ignore", message="torch.distributed.reduce_op is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
 
 
 def follow_vllm_level() -> None:

@@ -112,3 +112,14 @@ def llama_model(llama_ckpt):
 @pytest.fixture(scope="session")
 def mistral_model(mistral_ckpt):
     return _load(mistral_ckpt)
+
+
+@pytest.fixture(scope="session")
+def qwen3_vllm_pipeline(qwen3_ckpt):
+    """The session's one offline vLLM engine on the Qwen3 checkpoint, shared by every test file that needs
+    one (an engine start costs 30-60 s here). Stats on: prefix-cache tests read vLLM's hit counter."""
+    pytest.importorskip("vllm")
+    from mmfuse.pipeline import MultimodalPipeline
+    pipe = MultimodalPipeline(qwen3_ckpt, backend="vllm", max_model_len=1024, disable_log_stats=False)
+    yield pipe
+    pipe.close()

@@ -129,19 +129,18 @@ def hf_server(qwen3_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vllm_both(qwen3_ckpt, tmp_path_factory):
-    """A vLLM server and, built while it starts, a vLLM pipeline (the module's only two engine starts)."""
+def vllm_both(request, qwen3_ckpt, tmp_path_factory):
+    """A vLLM server and, fetched while it starts, the session's shared vLLM pipeline (tests/conftest.py)."""
     pytest.importorskip("vllm")
     srv = launch_server(qwen3_ckpt, "--backend", "vllm", "--max-model-len", "1024", *SERVER_ARGS,
                         log=tmp_path_factory.mktemp("hostile_vllm") / "server.log", api_key=KEY)
     try:
-        pipe = MultimodalPipeline(qwen3_ckpt, backend="vllm", max_model_len=1024)
+        pipe = request.getfixturevalue("qwen3_vllm_pipeline")
         srv.wait_ready(400)
     except BaseException:
         srv.stop()
         raise
     yield srv, pipe
-    pipe.close()
     assert srv.stop(120) == 0, srv.log.read_text()[-3000:]
 
 

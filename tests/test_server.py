@@ -455,19 +455,18 @@ def test_client_disconnecting_mid_stream_frees_its_slot(any_server):
 # -- the vLLM backend ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def vllm_pair(qwen3_ckpt, tmp_path_factory):
-    """A vLLM-backed server and, built while it starts, an offline vLLM pipeline on the same checkpoint."""
+def vllm_pair(request, qwen3_ckpt, tmp_path_factory):
+    """A vLLM-backed server and, fetched while it starts, the session's shared offline vLLM pipeline."""
     pytest.importorskip("vllm")
     srv = launch_server(qwen3_ckpt, "--backend", "vllm", "--max-model-len", "1024", *SERVER_ARGS,
                         log=tmp_path_factory.mktemp("vllm_server") / "server.log", api_key=KEY)
     try:
-        pipe = MultimodalPipeline(qwen3_ckpt, backend="vllm", max_model_len=1024)
+        pipe = request.getfixturevalue("qwen3_vllm_pipeline")
         srv.wait_ready(400)
     except BaseException:
         srv.stop()
         raise
     yield srv, pipe
-    pipe.close()
     assert srv.stop(120) == 0, srv.log.read_text()[-3000:]
 
 

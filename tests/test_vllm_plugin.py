@@ -74,12 +74,8 @@ PARITY_CASES = [
 
 
 @pytest.fixture(scope="session")
-def qwen3_vllm(qwen3_ckpt):
-    from mmfuse.backends.vllm import VLLMBackend
-    # stats on: the prefix-cache test reads vLLM's own hit counter
-    backend = VLLMBackend(qwen3_ckpt, max_model_len=1024, disable_log_stats=False)
-    yield backend
-    backend.close()
+def qwen3_vllm(qwen3_vllm_pipeline):
+    return qwen3_vllm_pipeline.backend  # the session's shared engine (tests/conftest.py)
 
 
 def _small_engine(ckpt):

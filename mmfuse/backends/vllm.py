@@ -14,6 +14,7 @@ async engine (``mmfuse.server.engines.vllm``):
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import time
 import weakref
@@ -25,7 +26,7 @@ from ..inputs import EncodedPrompt
 from ..logs import status, verbose
 from ..sampling import Completion, SamplingConfig, truncate_at_stop
 from . import CheckpointBackend
-from .vllm_defaults import EngineOptions, apply_process_defaults
+from .vllm_defaults import EngineOptions, apply_process_defaults, offline_engine_core
 
 
 def engine_args(checkpoint: Checkpoint, options: EngineOptions, **engine_kwargs: Any) -> dict[str, Any]:
@@ -94,7 +95,7 @@ class VLLMBackend(CheckpointBackend):
         options = EngineOptions(dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 tensor_parallel_size=tensor_parallel_size)
-        core = apply_process_defaults(offline=True, tensor_parallel_size=tensor_parallel_size)
+        apply_process_defaults(tensor_parallel_size)
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -103,7 +104,11 @@ class VLLMBackend(CheckpointBackend):
         self.checkpoint = open_checkpoint(model_path)  # the HF backend's tokenizer: same ids
         args = engine_args(self.checkpoint, options, **engine_kwargs)
         started = time.perf_counter()
-        self.llm = LLM(**args)
+        with offline_engine_core(tensor_parallel_size) as core:
+            self.llm = LLM(**args)
+        self.in_process = core == "in-process"
+        if self.in_process:
+            _IN_PROCESS.append(self.llm)
         status(f"vLLM engine ready in {time.perf_counter() - started:.0f} s ({_describe(args)}, engine core {core})")
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.prompt_limit = self.max_model_len - 1  # vLLM keeps room for one generated token
@@ -120,10 +125,26 @@ class VLLMBackend(CheckpointBackend):
                 for out in self.generate_outputs(prompts, sampling)]
 
     def close(self) -> None:
-        """Stop the engine's processes now (idempotent)."""
+        """Stop the engine now (idempotent)."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
+        if llm is None:
+            return
+        if not self.in_process:
             llm.llm_engine.engine_core.shutdown()
+            return
+        # Shutting down (or freeing) an in-process core tears down vLLM's process-wide distributed state,
+        # which every other in-process engine here still uses: such an engine is retired, and all retired
+        # ones are shut down with the last.
+        _IN_PROCESS.remove(llm)
+        _RETIRED.append(llm)
+        if not _IN_PROCESS:
+            while _RETIRED:
+                _RETIRED.pop().llm_engine.engine_core.shutdown()
+            gc.collect()
+
+
+_IN_PROCESS: list = []  # vllm.LLM objects of open in-process engines in this process
+_RETIRED: list = []  # closed in-process engines waiting for the last one to close
 
 
 def _close_ref(ref: weakref.ref) -> None:

@@ -9,9 +9,11 @@ vLLM's own defaults fail in two common places, both seen on a 2-core CPU box:
   ``kv_cache_gb``, ``gpu_memory_utilization`` or ``VLLM_CPU_KVCACHE_SPACE``.
 - processes: the CPU platform forces the ``spawn`` start method, so the engine-core child
   re-imports the caller's main script; an unguarded script (no ``if __name__ ==
-  "__main__":``) then starts a second engine and dies. For such scripts the offline engine
-  core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); BENCHMARKS.md compares
-  its throughput with the multi-process engine.
+  "__main__":``) then starts a second engine and dies. So on CPU the offline engine core
+  (``vllm.LLM``, one rank) runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): measured
+  side by side (``mmfuse bench engine-core``, BENCHMARKS.md) it generates as fast as the
+  multi-process engine and starts 4-5x sooner. The server's ``AsyncLLM`` and
+  tensor-parallel engines keep their own processes.
 
 Threads: vLLM on CPU keeps one core for its front end unless told otherwise; mmfuse
 binds the engine's OpenMP threads to every core this process may use, split between
@@ -19,9 +21,9 @@ tensor-parallel ranks.
 """
 from __future__ import annotations
 
-import ast
 import os
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..config import ConfigError
@@ -73,20 +75,6 @@ def default_cpu_kv_cache_bytes() -> int:
     return min(CPU_KV_MAX, max(CPU_KV_MIN, quarter)) // 2**20 * 2**20
 
 
-def main_script_is_guarded() -> bool:
-    """Whether a spawned child may safely re-import ``__main__`` (no main file, or one whose
-    module level holds an ``if __name__ == "__main__":`` block)."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    if not path or not os.path.isfile(path):
-        return True  # REPL, notebook, `python -c`: nothing is re-imported
-    try:
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        return False
-    return any(isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) for node in tree.body)
-
-
 def cpu_binding(ranks: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` tensor-parallel ranks: this process's CPUs split
     into equal, disjoint sets, ``|`` between ranks (e.g. ``"0,1"`` or ``"0|1"``)."""
@@ -97,12 +85,8 @@ def cpu_binding(ranks: int) -> str:
     return "|".join(",".join(map(str, cpus[r * per:(r + 1) * per])) for r in range(ranks))
 
 
-def apply_process_defaults(offline: bool, tensor_parallel_size: int = 1) -> str:
-    """Set vLLM's environment defaults in this process (children inherit them); user settings win.
-    Returns where the engine core runs (``"in-process"`` or ``"own process"``), for the status line.
-
-    ``offline``: an engine owned by this script (``vllm.LLM``), which may run in-process.
-    """
+def apply_process_defaults(tensor_parallel_size: int = 1) -> None:
+    """Set vLLM's environment defaults in this process (children inherit them); user settings win."""
     from ..logs import quiet_engine
 
     quiet_engine()  # before vLLM's first import: its loggers read the environment then
@@ -111,6 +95,22 @@ def apply_process_defaults(offline: bool, tensor_parallel_size: int = 1) -> str:
     if current_platform.is_cpu():
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tensor_parallel_size))
-        if offline and not main_script_is_guarded():
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    return "in-process" if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" else "own process"
+
+
+@contextmanager
+def offline_engine_core(tensor_parallel_size: int = 1) -> Iterator[str]:
+    """Around the construction of a ``vllm.LLM``: on CPU with one rank, its engine core in-process
+    unless the user set ``VLLM_ENABLE_V1_MULTIPROCESSING``. Yields where the core runs, for the status
+    line. Scoped to the construction (vLLM reads the variable only then), so a server or a
+    tensor-parallel engine started later in this process keeps its own processes."""
+    from vllm.platforms import current_platform
+
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    ours = key not in os.environ and current_platform.is_cpu() and tensor_parallel_size == 1
+    if ours:
+        os.environ[key] = "0"
+    try:
+        yield "in-process" if os.environ.get(key) == "0" else "own process"
+    finally:
+        if ours:
+            del os.environ[key]

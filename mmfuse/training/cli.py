@@ -144,16 +144,18 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N rows (default: all)")
     p.add_argument("--no-loss", dest="loss", action="store_false",
                    help="skip the eval loss (default: compute it with --backend hf)")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="vLLM backend KV cache size in GiB (default: from free memory on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM backend context length (default: the model's)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import os
-    # stdout carries exactly one JSON line; vLLM logs to stdout unless told otherwise (its workers inherit this)
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    # stdout carries exactly one JSON line: vLLM logs to stderr (mmfuse.logs.quiet_engine)
     with _handled("eval") as status:
         from .evaluation import evaluate, metrics_line
         config = EvalConfig(backend=args.backend, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                            limit=args.limit, loss=args.loss)
+                            limit=args.limit, loss=args.loss, kv_cache_gb=args.kv_cache_gb,
+                            max_model_len=args.max_model_len)
         print(metrics_line(evaluate(args.ckpt, args.data, config)))
     return status.code
 

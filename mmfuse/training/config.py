@@ -129,6 +129,8 @@ class EvalConfig:
     max_tokens: int | None = None  # generation limit; None = longest reference response + 1 token
     limit: int | None = None  # evaluate only the first N rows
     loss: bool = True  # eval loss (teacher-forced, response tokens only); hf backend only
+    kv_cache_gb: float | None = None  # vLLM backend: KV cache size; None = mmfuse's default for the machine
+    max_model_len: int | None = None  # vLLM backend: context length; None = the model's own
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm", "auto"):

@@ -80,7 +80,7 @@ def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike, config: EvalConfi
     from ..backends import open_backend
 
     config = config or EvalConfig()
-    backend = open_backend(ckpt, config.backend)
+    backend = open_backend(ckpt, config.backend, kv_cache_gb=config.kv_cache_gb, max_model_len=config.max_model_len)
     model = getattr(backend, "model", None)  # the HF backend's MMFuseModel
     encoder = RowEncoder(backend.checkpoint)
     examples = load_examples(encoder, data, config.limit)
