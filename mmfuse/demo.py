@@ -13,17 +13,14 @@ The prompt is the same for every example (``PROMPT``), so everything the model
 writes must come from the vectors. ``scripts/build_demo.py`` trains the
 checkpoint in ``demo/ckpt`` and writes the held-out split ``demo/heldout.parquet``
 (attribute combinations never seen in training); ``scripts/eval_demo.py``
-measures it. ``main()`` (``make demo``) encodes sentences that are in neither
-file (``DEMO_SENTENCES``, or your own) and prints what the model writes back.
+measures it; ``scripts/demo.py`` (``make demo``) encodes sentences that are in
+neither file (``DEMO_SENTENCES``, or your own) and prints what the model writes back.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,50 +101,3 @@ def encode(sentences: list[str], encoder=None, batch_size: int = 64) -> list[dic
 def request(items: dict[str, list[np.ndarray]]) -> dict:
     """A ``MultimodalPipeline`` request for one encoded sentence."""
     return {"text": PROMPT, "multimodal_data": {"multimodal_embeddings": items}}
-
-
-def _build_on_the_fly(ckpt: Path) -> None:
-    script = REPO / "scripts" / "build_demo.py"
-    if not script.exists():
-        sys.exit(f"no demo checkpoint at {ckpt}, and no {script} to build one (run from a source checkout)")
-    print(f"No trained demo checkpoint at {ckpt}.\nBuilding one now with {script} "
-          f"(tiny LM + projectors from scratch, about 3-5 minutes on 2 CPU cores)...", flush=True)
-    subprocess.run([sys.executable, str(script), "--out", str(ckpt.parent)], check=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmfuse.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sentences", nargs="*", help="descriptions to encode (default: five new ones); "
-                        "the grammar is 'a SIZE COLOR SHAPE POSITION'")
-    parser.add_argument("--ckpt", default=str(CKPT_DIR), help="mmfuse checkpoint (default: the shipped demo/ckpt)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
-                        help="auto: vLLM when importable, else transformers")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's and transformers' logs")
-    args = parser.parse_args(argv)
-    from .logs import configure, status
-
-    configure("INFO" if args.verbose else None)  # one status line per stage; library chatter behind -v
-    ckpt = Path(args.ckpt)
-    if not (ckpt / "config.json").exists():
-        _build_on_the_fly(ckpt)
-    sentences = args.sentences or list(DEMO_SENTENCES)
-
-    from .pipeline import MultimodalPipeline
-
-    status(f"encoding {len(sentences)} sentences with MiniLM (sent: 1 x {EMBED_DIM}, tok: n x {EMBED_DIM})")
-    items = encode(sentences)
-    with MultimodalPipeline(ckpt, backend=args.backend) as pipe:
-        status(f"generating ({pipe.backend.name})")
-        outputs = pipe.generate([request(x) for x in items], max_tokens=24)
-    print(f"\nbackend: {pipe.backend.name}    prompt: {PROMPT!r}  (the text is the same for every input)\n")
-    width = max(len(s) for s in sentences)
-    print(f"{'MiniLM input'.ljust(width)}  | {'model output'}")
-    print(f"{'-' * width}--+-{'-' * width}")
-    for s, x, out in zip(sentences, items, outputs):
-        mark = "ok" if out.strip() == s.strip() else "differs"
-        print(f"{s.ljust(width)}  | {out.strip()}   [{mark}, tok rows: {x['tok'][0].shape[0]}]")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

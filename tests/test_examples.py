@@ -376,14 +376,14 @@ def test_eval_on_vllm_prints_one_json_line(tmp_path):
 
 
 @pytest.mark.vllm
-def test_demo_module_prints_the_table_and_one_status_line_per_stage(tmp_path):
-    """`python -m mmfuse.demo` (what `make demo` runs): exit 0, the five reserved sentences written back; on
+def test_demo_script_prints_the_table_and_one_status_line_per_stage(tmp_path):
+    """`python scripts/demo.py` (what `make demo` runs): exit 0, the five reserved sentences written back; on
     stderr nothing but mmfuse's status lines, each stage once (the engine's chatter is behind -v)."""
     from mmfuse.demo import DEMO_SENTENCES
 
-    proc = run([sys.executable, "-m", "mmfuse.demo"], user_env(tmp_path), user_cwd(tmp_path))
+    proc = run([sys.executable, str(REPO / "scripts" / "demo.py")], user_env(tmp_path), user_cwd(tmp_path))
     out, err = proc.stdout.splitlines(), proc.stderr.splitlines()
-    print(f"python -m mmfuse.demo: {len(out) + len(err)} output lines ({len(out)} stdout, {len(err)} stderr)")
+    print(f"scripts/demo.py: {len(out) + len(err)} output lines ({len(out)} stdout, {len(err)} stderr)")
     assert f"backend: {BACKEND}" in proc.stdout
     rows = [line for line in out if "| " in line and "[" in line]
     assert len(rows) == len(DEMO_SENTENCES), proc.stdout

@@ -1,8 +1,8 @@
 """``mmfuse bench engine-core``: vLLM's engine core in-process vs in its own process, same work.
 
-mmfuse runs the offline engine core in-process for unguarded scripts
-(``backends/vllm_defaults.py``), where vLLM's spawned engine process would
-re-import the script. This measures what that costs: each round starts one
+On CPU mmfuse runs the offline engine core (one rank) in-process
+(``backends/vllm_defaults.py``): vLLM's spawned engine process would re-import an
+unguarded script. This measures what that costs or saves: each round starts one
 fresh Python process per mode (alternating, so machine drift hits both), which
 loads the same checkpoint with ``VLLMBackend`` and times, after a warm-up,
 
