@@ -412,15 +412,17 @@ def test_metrics_and_schema_need_the_key(hf_server):
     assert httpx.get(f"{hf_server.url}/health").status_code == 200
 
 
-def test_schemathesis_finds_no_5xx(hf_server):
-    """Schemathesis over the server's OpenAPI schema: positive and negative bodies, 50 examples per
-    operation and mode (the budget; about 30 s here). No stateful run: the API has no links between
-    operations (each request stands alone)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schemathesis_finds_no_5xx(request, backend):
+    """Schemathesis over the server's OpenAPI schema, on both backends' servers: positive and negative
+    bodies, 50 examples per operation and mode (the budget; about 30 s a backend here). No stateful run:
+    the API has no links between operations (each request stands alone)."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from schemathesis.generation import GenerationMode
 
-    schema = schemathesis.openapi.from_url(f"{hf_server.url}/openapi.json", headers=AUTH)
+    srv = server(request, backend)
+    schema = schemathesis.openapi.from_url(f"{srv.url}/openapi.json", headers=AUTH)
     failures: list[str] = []
     for result in schema.get_all_operations():
         op = result.ok()
@@ -439,7 +441,7 @@ def test_schemathesis_finds_no_5xx(hf_server):
                                     f"for {case.body!r:.300}")
             check()
     assert not failures, "\n".join(failures[:5])
-    assert httpx.get(f"{hf_server.url}/health").status_code == 200
+    assert httpx.get(f"{srv.url}/health").status_code == 200
 
 
 # -- non-finite numbers fail only their own request (transformers batches requests) ------------------------
