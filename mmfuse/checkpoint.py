@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, MMFuseConfig, ModalitySpec, base_architecture, wrapper_architecture
-from .inputs import EncodedPrompt, InputError, PreparedPrompt, encode_token_ids, tokenize
+from .inputs import EncodedPrompt, PreparedPrompt, encode_token_ids, tokenize
 from .projectors import build_projectors, resolve_spec
 
 PROJECTOR_FILE = "mm_projectors.safetensors"

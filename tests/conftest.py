@@ -123,3 +123,41 @@ def qwen3_vllm_pipeline(qwen3_ckpt):
     pipe = MultimodalPipeline(qwen3_ckpt, backend="vllm", max_model_len=1024, disable_log_stats=False)
     yield pipe
     pipe.close()
+
+
+# -- shared helpers (tests/ is on sys.path: `from conftest import ...`) --------------------------------------
+
+def manual_embeds(model, token_ids, items, manual_rows):
+    """inputs_embeds built segment by segment from raw weights: a text token's embedding row, or, at each
+    placeholder, ``manual_rows(model, name, item)`` for the modality's next item. [1, S, H]"""
+    import torch
+
+    emb = model.lm.get_input_embeddings()
+    by_id = {pid: name for name, pid in model.placeholder_ids.items()}
+    seen = {n: 0 for n in model.specs}
+    parts = []
+    for t in token_ids:
+        if t in by_id:
+            name = by_id[t]
+            parts.append(manual_rows(model, name, items[name][seen[name]]))
+            seen[name] += 1
+        else:
+            parts.append(emb.weight[t:t + 1])
+    return torch.cat(parts).unsqueeze(0)
+
+
+def vllm_server_beside_pipeline(request, ckpt, server_args, log, api_key):
+    """Generator for a fixture: a vLLM-backed ``mmfuse serve`` and, fetched while it starts, the session's
+    offline vLLM pipeline; yields (server, pipeline) and stops the server (exit 0 asserted)."""
+    from mmfuse.bench.serve_load import launch_server
+
+    pytest.importorskip("vllm")
+    srv = launch_server(ckpt, "--backend", "vllm", "--max-model-len", "1024", *server_args, log=log, api_key=api_key)
+    try:
+        pipe = request.getfixturevalue("qwen3_vllm_pipeline")
+        srv.wait_ready(400)
+    except BaseException:
+        srv.stop()
+        raise
+    yield srv, pipe
+    assert srv.stop(120) == 0, srv.log.read_text()[-3000:]

@@ -33,7 +33,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path

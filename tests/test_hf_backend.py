@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest  # shared test helpers (tests/ is on sys.path)
 from mmfuse import InputError, SamplingConfig
 from mmfuse.backends.hf import generate
 from mmfuse.inputs import prepare
@@ -23,20 +24,8 @@ def manual_rows(model, name, item):
     return y.reshape(x.shape[0] * spec.tokens_per_item, -1)
 
 
-def manual_embeds(model, token_ids, items):
-    """inputs_embeds built segment by segment: text embeddings, then an item's rows at each placeholder."""
-    tok, emb = model.tokenizer, model.lm.get_input_embeddings()
-    by_id = {pid: name for name, pid in model.placeholder_ids.items()}
-    seen = {n: 0 for n in model.specs}
-    parts = []
-    for t in token_ids:
-        if t in by_id:
-            name = by_id[t]
-            parts.append(manual_rows(model, name, items[name][seen[name]]))
-            seen[name] += 1
-        else:
-            parts.append(emb.weight[t:t + 1])
-    return torch.cat(parts).unsqueeze(0)
+def manual_embeds(model, token_ids, items) -> torch.Tensor:
+    return conftest.manual_embeds(model, token_ids, items, manual_rows)
 
 
 CASES = [

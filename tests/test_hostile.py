@@ -19,10 +19,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import vllm_server_beside_pipeline
 import torch
 
 from mmfuse import InputError
-from mmfuse.bench.serve_load import launch_server, start_server
+from mmfuse.bench.serve_load import start_server
 from mmfuse.client import encode_embedding
 from mmfuse.pipeline import MultimodalPipeline
 
@@ -130,18 +131,9 @@ def hf_server(qwen3_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vllm_both(request, qwen3_ckpt, tmp_path_factory):
-    """A vLLM server and, fetched while it starts, the session's shared vLLM pipeline (tests/conftest.py)."""
-    pytest.importorskip("vllm")
-    srv = launch_server(qwen3_ckpt, "--backend", "vllm", "--max-model-len", "1024", *SERVER_ARGS,
-                        log=tmp_path_factory.mktemp("hostile_vllm") / "server.log", api_key=KEY)
-    try:
-        pipe = request.getfixturevalue("qwen3_vllm_pipeline")
-        srv.wait_ready(400)
-    except BaseException:
-        srv.stop()
-        raise
-    yield srv, pipe
-    assert srv.stop(120) == 0, srv.log.read_text()[-3000:]
+    """A vLLM server and the session's shared vLLM pipeline (tests/conftest.py)."""
+    yield from vllm_server_beside_pipeline(request, qwen3_ckpt, SERVER_ARGS,
+                                           tmp_path_factory.mktemp("hostile_vllm") / "server.log", KEY)
 
 
 def pipeline(request, backend: str):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import conftest  # shared test helpers (tests/ is on sys.path)
 from mmfuse import ModalitySpec, SamplingConfig, init_checkpoint
 from mmfuse.config import ConfigError, parse_modality_arg
 from mmfuse.inputs import prepare, rows_of
@@ -176,18 +177,7 @@ def manual_rows(model, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def manual_embeds(model, token_ids, items) -> torch.Tensor:
-    emb = model.lm.get_input_embeddings()
-    by_id = {pid: name for name, pid in model.placeholder_ids.items()}
-    seen = {n: 0 for n in model.specs}
-    parts = []
-    for t in token_ids:
-        if t in by_id:
-            name = by_id[t]
-            parts.append(manual_rows(model, name, items[name][seen[name]]))
-            seen[name] += 1
-        else:
-            parts.append(emb.weight[t:t + 1])
-    return torch.cat(parts).unsqueeze(0)
+    return conftest.manual_embeds(model, token_ids, items, manual_rows)
 
 
 # every kind alone, all together, (n, d) items, and a resampler over items of different n

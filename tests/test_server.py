@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
+from conftest import vllm_server_beside_pipeline
 import torch
 
-from mmfuse.bench.serve_load import launch_server, make_bodies, run_load, start_server
+from mmfuse.bench.serve_load import make_bodies, run_load, start_server
 from mmfuse.client import embedding_part, encode_embedding
 from mmfuse.pipeline import MultimodalPipeline
 
@@ -456,18 +457,9 @@ def test_client_disconnecting_mid_stream_frees_its_slot(any_server):
 
 @pytest.fixture(scope="session")
 def vllm_pair(request, qwen3_ckpt, tmp_path_factory):
-    """A vLLM-backed server and, fetched while it starts, the session's shared offline vLLM pipeline."""
-    pytest.importorskip("vllm")
-    srv = launch_server(qwen3_ckpt, "--backend", "vllm", "--max-model-len", "1024", *SERVER_ARGS,
-                        log=tmp_path_factory.mktemp("vllm_server") / "server.log", api_key=KEY)
-    try:
-        pipe = request.getfixturevalue("qwen3_vllm_pipeline")
-        srv.wait_ready(400)
-    except BaseException:
-        srv.stop()
-        raise
-    yield srv, pipe
-    assert srv.stop(120) == 0, srv.log.read_text()[-3000:]
+    """A vLLM-backed server (same limits as the HF one) and the session's shared offline vLLM pipeline."""
+    yield from vllm_server_beside_pipeline(request, qwen3_ckpt, SERVER_ARGS,
+                                           tmp_path_factory.mktemp("vllm_server") / "server.log", KEY)
 
 
 @pytest.mark.vllm
