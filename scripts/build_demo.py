@@ -63,6 +63,8 @@ class BuildConfig:
     pretrain_steps: int = 200
     max_len: int = 128  # longest prompt + response is ~30 tokens
     projector: str = "mlp2x_gelu"
+    tok_projector: str | None = None  # the `tok` modality's kind when it differs (e.g. resampler)
+    tok_tokens: int = 1  # tokens_per_item of `tok`: for a resampler, soft tokens per item whatever its n
     stage1_epochs: int = 10
     stage1_lr: float = 2e-3
     stage2_epochs: int = 30  # held-out exact match is 1.0 by epoch 10; the rest widens the greedy margins
@@ -134,7 +136,8 @@ def build(out: Path, work: Path, config: BuildConfig) -> dict:
     base = make_base_lm(train_sentences, work, config)
     timings["pretrain"] = round(time.time() - t, 1)
     specs = [ModalitySpec(name="sent", input_dim=task.EMBED_DIM, projector=config.projector),
-             ModalitySpec(name="tok", input_dim=task.EMBED_DIM, projector=config.projector, max_items=4)]
+             ModalitySpec(name="tok", input_dim=task.EMBED_DIM, projector=config.tok_projector or config.projector,
+                          tokens_per_item=config.tok_tokens, max_items=4)]
     init = init_checkpoint(base, work / "init", specs, seed=config.seed, overwrite=True)
     s1 = stage(1, init, work / "stage1", work / "train.parquet", out / "heldout.parquet", config)
     s2 = stage(2, work / "stage1", work / "stage2", work / "train.parquet", out / "heldout.parquet", config)
@@ -155,8 +158,11 @@ def main() -> int:
                         "build_report.json go (default: the repo's demo/)")
     parser.add_argument("--work", default=None, help="keep intermediate files here (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tok-projector", default=None, help="projector kind of the `tok` modality "
+                        "(default: the same as `sent`, mlp2x_gelu), e.g. resampler (docs/projectors.md)")
+    parser.add_argument("--tok-tokens", type=int, default=1, help="tokens_per_item of `tok` (a resampler's K)")
     args = parser.parse_args()
-    config = BuildConfig(seed=args.seed)
+    config = BuildConfig(seed=args.seed, tok_projector=args.tok_projector, tok_tokens=args.tok_tokens)
     started = time.time()
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
