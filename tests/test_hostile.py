@@ -448,14 +448,14 @@ def test_non_finite_scores_fail_only_their_request(hf_pipe, monkeypatch):
     prompts = [hf_pipe.encode(good_local(i)) for i in range(3)]
     sampling = SamplingConfig(max_tokens=MAX_TOKENS, temperature=1.0, seed=7, logprobs=True)
     solo = [generate(model, [p], sampling)[0] for p in (prompts[0], prompts[2])]
-    embed = model.embed
+    embed_rows = model.embed_rows
 
-    def poisoned(input_ids, items):
-        out = embed(input_ids, items)
+    def poisoned(input_ids, rows):
+        out = embed_rows(input_ids, rows)
         if out.shape[0] == 3:
             out[1] = float("nan")
         return out
-    monkeypatch.setattr(model, "embed", poisoned)
+    monkeypatch.setattr(model, "embed_rows", poisoned)
     with pytest.raises(RequestsFailed) as e:
         generate(model, prompts, sampling)
     assert set(e.value.failed) == {1} and isinstance(e.value, InputError)

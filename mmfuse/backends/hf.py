@@ -62,12 +62,16 @@ class MMFuseModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, items: Mapping[str, Sequence[Item]]) -> torch.Tensor:
         """inputs_embeds [B, S, H] with the projected rows in place of the placeholders."""
+        return self.embed_rows(input_ids, self.project(items))
+
+    def embed_rows(self, input_ids: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``embed`` for rows already projected ({name: [R, H]} in batch-major prompt order)."""
         is_mm = torch.zeros_like(input_ids, dtype=torch.bool)
         for pid in self.placeholder_ids.values():
             is_mm |= input_ids == pid
         # placeholder rows of the embedding matrix are never read (they may not exist)
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_mm, 0))
-        return merge_rows(embeds, input_ids, self.project(items), self.placeholder_ids)
+        return merge_rows(embeds, input_ids, rows, self.placeholder_ids)
 
     def forward(self, input_ids: torch.Tensor, items: Mapping[str, Sequence[Item]],
                 attention_mask: torch.Tensor | None = None, **kwargs):
@@ -167,17 +171,19 @@ def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: Sam
     and returned in ``RequestsFailed.results`` (raised when any prompt failed).
     """
     failed: dict[int, str] = {}
-    for i, p in enumerate(prompts):  # projected rows must be finite (a cheap pass: projectors are small)
-        for name, rows in model.project(p.items).items():
-            if not torch.isfinite(rows).all():
-                failed[i] = (f"modality {name!r}: the projected rows hold NaN or Inf (the items' values overflow "
-                             f"the projector in {rows.dtype}); send smaller values")
-                break
+    projected = [model.project(p.items) for p in prompts]  # per prompt, so that a bad one fails alone
+    for i, rows in enumerate(projected):
+        bad = next((name for name, r in rows.items() if not torch.isfinite(r).all()), None)
+        if bad is not None:
+            failed[i] = (f"modality {bad!r}: the projected rows hold NaN or Inf (the items' values overflow "
+                         f"the projector in {rows[bad].dtype}); send smaller values")
     keep = [i for i in range(len(prompts)) if i not in failed]
     results: list[list[Completion] | None] = [None] * len(prompts)
     guard = _FiniteScores()
     if keep:
-        for i, r in zip(keep, _generate([prompts[i] for i in keep], model, sampling, guard)):
+        rows = {name: torch.cat([projected[i][name] for i in keep if name in projected[i]])
+                for name in model.specs if any(name in projected[i] for i in keep)}
+        for i, r in zip(keep, _generate([prompts[i] for i in keep], rows, model, sampling, guard)):
             results[i] = r
     for row in guard.bad:
         failed[keep[row // sampling.n]] = ("the model's scores became NaN or Inf while generating (this request's "
@@ -187,8 +193,8 @@ def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: Sam
     return results
 
 
-def _generate(prompts: Sequence[EncodedPrompt], model: MMFuseModel, sampling: SamplingConfig,
-              guard: _FiniteScores) -> list[list[Completion]]:
+def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor], model: MMFuseModel,
+              sampling: SamplingConfig, guard: _FiniteScores) -> list[list[Completion]]:
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = model.tokenizer
@@ -197,8 +203,7 @@ def _generate(prompts: Sequence[EncodedPrompt], model: MMFuseModel, sampling: Sa
     pad = tok.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
     attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
-    items = {name: [it for p in prompts for it in p.items.get(name, [])] for name in model.specs}
-    embeds = model.embed(input_ids, items)
+    embeds = model.embed_rows(input_ids, rows)  # each prompt's items projected once, by generate
     gen = GenerationConfig(
         max_new_tokens=sampling.max_tokens, do_sample=not sampling.greedy,
         temperature=sampling.temperature if not sampling.greedy else None,
