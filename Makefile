@@ -10,9 +10,7 @@ STAMP  := $(VENV)/.mmfuse-installed
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
-export VLLM_CPU_KVCACHE_SPACE ?= 1
-export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
-export VLLM_CPU_OMP_THREADS_BIND ?= 0-$(shell echo $$(( $$(nproc) - 1 )))
+# vLLM's CPU settings (KV cache, threads, engine process) are mmfuse's own defaults, as outside make
 
 .PHONY: venv demo test bench clean
 

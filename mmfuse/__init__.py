@@ -3,10 +3,12 @@
 Importing mmfuse loads no model, starts no engine and touches no device.
 """
 from . import logs
-from .checkpoint import init_checkpoint
-from .config import ConfigError, MMFuseConfig, ModalitySpec
-from .inputs import InputError
-from .sampling import Completion, SamplingConfig
+
+logs.quiet_torch_cpp()  # before torch's first import (below), the only time libtorch reads it
+from .checkpoint import init_checkpoint  # noqa: E402
+from .config import ConfigError, MMFuseConfig, ModalitySpec  # noqa: E402
+from .inputs import InputError  # noqa: E402
+from .sampling import Completion, SamplingConfig  # noqa: E402
 
 logs.follow_vllm_level()  # see its docstring: vLLM's engine processes import mmfuse before vLLM
 __version__ = "0.1.0"

@@ -140,6 +140,14 @@ def quiet_engine() -> None:
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
 
 
+def quiet_torch_cpp() -> None:
+    """libtorch reads ``TORCH_CPP_LOG_LEVEL`` once, when torch is first imported: called by ``import mmfuse``
+    before torch, it keeps C++ warnings (vLLM's CPU kernels note their NUMA memory binding at every engine
+    start) at ERROR unless the user set the variable or imported torch first."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
 def follow_vllm_level() -> None:
     """Apply ``VLLM_LOGGING_LEVEL`` to vLLM's loggers now. vLLM configures them only once an engine
     starts; what it logs while importing (that Triton has no CPU backend) would otherwise reach

@@ -45,8 +45,13 @@ def engine_args(checkpoint: Checkpoint, options: EngineOptions, **engine_kwargs:
 
 def _describe(args: dict[str, Any]) -> str:
     """The engine settings a user may want to see or change, for the status line."""
-    kv = args.get("kv_cache_memory_bytes")
-    memory = f"KV cache {kv / 2**30:.1f} GiB" if kv else f"gpu_memory_utilization {args.get('gpu_memory_utilization', 'default')}"
+    kv, env = args.get("kv_cache_memory_bytes"), os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if kv:
+        memory = f"KV cache {kv / 2**30:.1f} GiB"
+    elif env:
+        memory = f"KV cache {env} GiB (VLLM_CPU_KVCACHE_SPACE)"
+    else:
+        memory = f"gpu_memory_utilization {args.get('gpu_memory_utilization', 'default')}"
     return f"{args['dtype']}, {memory}, max_model_len {args.get('max_model_len') or 'from the model'}"
 
 
