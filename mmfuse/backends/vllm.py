@@ -26,7 +26,7 @@ from ..inputs import EncodedPrompt
 from ..logs import status, verbose
 from ..sampling import Completion, SamplingConfig, truncate_at_stop
 from . import CheckpointBackend
-from .vllm_defaults import EngineOptions, apply_process_defaults, offline_engine_core
+from .vllm_defaults import EngineOptions, apply_process_defaults, check_can_spawn, offline_engine_core
 
 
 def engine_args(checkpoint: Checkpoint, options: EngineOptions, **engine_kwargs: Any) -> dict[str, Any]:
@@ -100,6 +100,7 @@ class VLLMBackend(CheckpointBackend):
         options = EngineOptions(dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 tensor_parallel_size=tensor_parallel_size)
+        check_can_spawn(tensor_parallel_size)
         apply_process_defaults(tensor_parallel_size)
         from vllm import LLM
         from vllm.platforms import current_platform

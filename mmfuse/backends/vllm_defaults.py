@@ -21,7 +21,9 @@ tensor-parallel ranks.
 """
 from __future__ import annotations
 
+import ast
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +75,23 @@ def default_cpu_kv_cache_bytes() -> int:
 
     quarter = psutil.virtual_memory().available // 4
     return min(CPU_KV_MAX, max(CPU_KV_MIN, quarter)) // 2**20 * 2**20
+
+
+def check_can_spawn(tensor_parallel_size: int) -> None:
+    """An engine with its own processes (tensor-parallel ranks) spawns them, and each re-imports the main
+    script: refuse early, with the fix, when that script has no ``if __name__ == "__main__":`` block."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if tensor_parallel_size == 1 or not path or not os.path.isfile(path):
+        return  # one rank in-process, or a REPL / notebook / `python -c`: nothing is re-imported
+    try:
+        with open(path, encoding="utf-8") as f:
+            body = ast.parse(f.read(), path).body
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    if not any(isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) for node in body):
+        raise ConfigError(f"tensor_parallel_size={tensor_parallel_size} starts one vLLM process per rank, and "
+                          f"each re-imports {path}: put the code that opens the pipeline under "
+                          f"`if __name__ == \"__main__\":`")
 
 
 def cpu_binding(ranks: int) -> str:

@@ -1,0 +1,56 @@
+"""mmfuse's vLLM defaults for the machine: KV cache sizing, core binding, and what may spawn processes.
+
+No engine starts here (the engines themselves run with these defaults in test_vllm_plugin.py and, with no
+VLLM_* variable set at all, in test_examples.py).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mmfuse import ConfigError
+from mmfuse.backends.vllm_defaults import GiB, EngineOptions, cpu_binding, default_cpu_kv_cache_bytes
+
+
+def test_engine_options_are_checked_and_size_the_kv_cache(monkeypatch):
+    with pytest.raises(ConfigError, match="kv_cache_gb or gpu_memory_utilization, not both"):
+        EngineOptions(kv_cache_gb=1, gpu_memory_utilization=0.5)
+    for bad in (dict(kv_cache_gb=0), dict(gpu_memory_utilization=1.5), dict(tensor_parallel_size=0),
+                dict(max_model_len=1)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            EngineOptions(**bad)
+    assert EngineOptions(kv_cache_gb=1.5).memory_args(cpu=True) == {"kv_cache_memory_bytes": int(1.5 * GiB)}
+    assert EngineOptions(gpu_memory_utilization=0.5).memory_args(cpu=False) == {"gpu_memory_utilization": 0.5}
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    kv = EngineOptions().memory_args(cpu=True)["kv_cache_memory_bytes"]
+    assert kv == default_cpu_kv_cache_bytes() and GiB // 2 <= kv <= 4 * GiB and kv % 2**20 == 0
+    assert EngineOptions().memory_args(cpu=False) == {}  # on GPUs vLLM's own default works
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # the user's variable wins (vLLM reads it itself)
+    assert EngineOptions().memory_args(cpu=True) == {}
+
+
+def test_cpu_binding_splits_this_process_cpus_between_ranks():
+    cpus = sorted(os.sched_getaffinity(0))
+    assert cpu_binding(1) == ",".join(map(str, cpus))
+    if len(cpus) >= 2:
+        ranks = cpu_binding(2).split("|")
+        assert len(ranks) == 2 and not set(ranks[0].split(",")) & set(ranks[1].split(","))
+    with pytest.raises(ConfigError, match="at least one CPU per rank"):
+        cpu_binding(len(cpus) + 1)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_tensor_parallel_from_an_unguarded_script_is_refused_with_the_fix(tmp_path, guarded):
+    """Ranks are spawned processes that re-import the main script: an unguarded one is refused up front."""
+    body = "from mmfuse.backends.vllm_defaults import check_can_spawn\ncheck_can_spawn(1)\n"
+    body += ("if __name__ == '__main__':\n    check_can_spawn(2)\n" if guarded else "check_can_spawn(2)\n")
+    script = tmp_path / "user_script.py"
+    script.write_text(body)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    if guarded:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 1
+        assert 'tensor_parallel_size=2 starts one vLLM process per rank' in proc.stderr
+        assert 'if __name__ == "__main__":' in proc.stderr
