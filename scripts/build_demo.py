@@ -161,8 +161,15 @@ def main() -> int:
     parser.add_argument("--tok-projector", default=None, help="projector kind of the `tok` modality "
                         "(default: the same as `sent`, mlp2x_gelu), e.g. resampler (docs/projectors.md)")
     parser.add_argument("--tok-tokens", type=int, default=1, help="tokens_per_item of `tok` (a resampler's K)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a BuildConfig field, e.g. --set stage1_epochs=30 (recorded in the report)")
     args = parser.parse_args()
     config = BuildConfig(seed=args.seed, tok_projector=args.tok_projector, tok_tokens=args.tok_tokens)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in BuildConfig.__dataclass_fields__ or not value:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(BuildConfig.__dataclass_fields__)}")
+        setattr(config, name, type(getattr(config, name))(value))
     started = time.time()
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
