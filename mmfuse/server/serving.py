@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from ..chat import render_messages
 from ..inputs import EncodedPrompt, InputError, prepare, user_text
-from ..sampling import Completion, SamplingConfig, engine_sampling
+from ..sampling import Completion, SamplingConfig, check_room, engine_sampling
 from . import protocol as P
 from .engines import Delta
 from .errors import APIError, error_body
@@ -119,11 +119,12 @@ class Serving:
         if room < 1:
             raise APIError(400, f"prompt too long: {length} tokens leave no room to generate in the model's "
                                 f"{self.engine.max_model_len}", param, "prompt_too_long")
-        if sampling.max_tokens > room:
-            if explicit_max_tokens:
-                raise APIError(400, f"max_tokens: the prompt has {length} tokens, so at most {room} more fit in "
-                                    f"the model's {self.engine.max_model_len}; asked for {sampling.max_tokens}",
-                               "max_tokens")
+        if explicit_max_tokens:
+            try:
+                check_room(sampling, length, self.engine.max_model_len)  # the same rule as the Python API
+            except InputError as e:
+                raise APIError(400, str(e), "max_tokens") from None
+        elif sampling.max_tokens > room:
             sampling = dataclasses.replace(sampling, max_tokens=room)  # the default shrinks to fit
         for name, its in encoded.items.items():
             self.metrics.items.labels(modality=name).inc(len(its))
