@@ -159,7 +159,7 @@ def open_checkpoint(path_or_id: str | os.PathLike, tokenizer=None) -> Checkpoint
 
     path = resolve(path_or_id)
     config = read_config(path)
-    mm_config = MMFuseConfig.from_hf_config(config)
+    mm_config = MMFuseConfig.from_hf_config(config, root=str(path))
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -185,14 +185,52 @@ def _resolve_specs(specs: Iterable[ModalitySpec], lm_hidden: int) -> dict[str, M
         if spec.name in out:
             raise ConfigError(f"modality {spec.name!r} given twice")
         out[spec.name] = resolve_spec(spec, lm_hidden)  # the file says what the weights are; checks vs the LM
+        if spec.encoder is not None:
+            from .encoders import encoder_output_dim
+
+            dim = encoder_output_dim(spec.encoder)
+            if spec.input_dim != dim:
+                raise ConfigError(f"modality {spec.name!r}: input_dim {spec.input_dim}, but its encoder "
+                                  f"{spec.encoder.source!r} ({spec.encoder.kind}, {spec.encoder.output}) makes "
+                                  f"{dim}-d vectors")
     return out
+
+
+def _with_encoder_dim(spec: dict) -> dict:
+    """A modality dict with an encoder and no input_dim gets the encoder's output size."""
+    if "input_dim" not in spec and spec.get("encoder") is not None:
+        from .config import EncoderSpec
+        from .encoders import encoder_output_dim
+
+        spec["input_dim"] = encoder_output_dim(EncoderSpec.from_dict(spec["encoder"]))
+    return spec
+
+
+def _place_encoders(specs: Mapping[str, ModalitySpec], dst: Path, link: bool) -> None:
+    """Copy (or with ``link`` symlink) each local encoder directory to ``encoders/NAME`` in the checkpoint
+    and point its spec there; hub ids stay references."""
+    from .config import EncoderSpec
+
+    for name, spec in specs.items():
+        enc = spec.encoder
+        if enc is None or not (Path(enc.source) / "config.json").is_file():
+            continue
+        target = dst / "encoders" / name
+        target.parent.mkdir(exist_ok=True)
+        if link:
+            target.symlink_to(Path(enc.source).resolve(), target_is_directory=True)
+        else:
+            shutil.copytree(enc.source, target)
+        spec.encoder = EncoderSpec(f"encoders/{name}", enc.kind, enc.output, root=str(dst))
 
 
 def init_checkpoint(base: str | os.PathLike, out: str | os.PathLike, modalities: Iterable[ModalitySpec] | dict,
                     seed: int = 0, link: bool = False, overwrite: bool = False) -> Path:
     """Make an mmfuse checkpoint at ``out`` from a base causal LM, with fresh projectors.
 
-    ``modalities`` is a list of ``ModalitySpec`` or ``{name: {input_dim: ..., ...}}``.
+    ``modalities`` is a list of ``ModalitySpec`` or ``{name: {input_dim: ..., ...}}``. A modality with an
+    ``encoder`` may leave ``input_dim`` out (the encoder's output size); a local encoder directory is
+    copied to ``encoders/NAME`` (symlinked with ``link``), a hub id stays a reference.
     ``link=True`` symlinks the base weight files instead of copying them.
     ``out`` must be missing or empty (``ConfigError`` naming it, nothing touched); ``overwrite=True``
     first removes what an earlier checkpoint or training run wrote there (``mmfuse.outdir``).
@@ -206,7 +244,7 @@ def init_checkpoint(base: str | os.PathLike, out: str | os.PathLike, modalities:
     if stale and dst.resolve() == src.resolve():
         raise ConfigError(f"{dst} is the base model itself; write the checkpoint to another directory")
     if isinstance(modalities, dict):
-        modalities = [ModalitySpec.from_dict(n, dict(s)) for n, s in modalities.items()]
+        modalities = [ModalitySpec.from_dict(n, _with_encoder_dim(dict(s))) for n, s in modalities.items()]
     config = read_config(src)
     arch = (config.get("architectures") or ["?"])[0]
     if "mmfuse" in config:
@@ -238,6 +276,7 @@ def init_checkpoint(base: str | os.PathLike, out: str | os.PathLike, modalities:
                 target.symlink_to(f.resolve())
             else:
                 shutil.copy2(f, target)
+    _place_encoders(mm.modalities, dst, link)
     config["architectures"] = [wrapper_architecture(arch)]
     config["mmfuse"] = mm.to_dict()
     write_config(dst, config)
@@ -295,6 +334,7 @@ def add_modality(ckpt: str | os.PathLike, modalities: Iterable[ModalitySpec], se
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / PROJECTOR_FILE)
     write_index(path)
+    _place_encoders(new, path, link=False)
     config["mmfuse"] = mm.to_dict()
     write_config(path, config)
     return path

@@ -10,7 +10,8 @@ import argparse
 import re
 import sys
 
-from .config import MODALITY_SYNTAX, PROJECTOR_KINDS, ConfigError, parse_modality_arg
+from .config import (ENCODER_SYNTAX, MODALITY_SYNTAX, PROJECTOR_KINDS, ConfigError, parse_encoder_arg,
+                     parse_modality_arg)
 from .inputs import InputError
 
 
@@ -32,9 +33,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _modality_type(text: str):
-    """argparse ``type=`` for ``--modality``: our message, not argparse's generic 'invalid value'."""
+    """argparse ``type=`` for ``--modality``: our message, not argparse's generic 'invalid value'.
+    The text is kept: a DIM left out is filled from ``--encoder`` later (``modality_specs``)."""
     try:
-        return parse_modality_arg(text)
+        head = text.split(",")[0].split(":")
+        parse_modality_arg(text, {head[0]: 1} if len(head) == 1 or not head[1] else None)
+        return text
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_encoder_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoder", action="append", type=_encoder_type, metavar=ENCODER_SYNTAX,
+                        help="attach a frozen encoder (hub id or local directory; its kind is read off its config) "
+                             "to modality NAME: raw images, audio or text go in, and DIM may be left out; repeat "
+                             "for several")
+
+
+def _encoder_type(text: str):
+    try:
+        parse_encoder_arg(text)
+        return text
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -151,11 +170,28 @@ def _fill_help(parser: argparse.ArgumentParser) -> None:
             action.help = _FALLBACK_HELP.get(action.dest, action.dest.replace("_", " "))
 
 
+def modality_specs(modality_args: list[str], encoder_args: list[str]) -> list:
+    """``--modality`` and ``--encoder`` values -> ModalitySpecs (a modality with an encoder may omit DIM)."""
+    from .encoders import encoder_output_dim, encoder_spec
+
+    encoders = {}
+    for arg in encoder_args or []:
+        name, source, output = parse_encoder_arg(arg)
+        encoders[name] = encoder_spec(source, output)
+    specs = [parse_modality_arg(a, {n: encoder_output_dim(e) for n, e in encoders.items()}) for a in modality_args]
+    unknown = sorted(set(encoders) - {s.name for s in specs})
+    if unknown:
+        raise ConfigError(f"--encoder {unknown[0]}=...: no --modality {unknown[0]} to attach it to")
+    for spec in specs:
+        spec.encoder = encoders.get(spec.name)
+    return specs
+
+
 def _init(args: argparse.Namespace) -> None:
     from .checkpoint import init_checkpoint
 
-    out = init_checkpoint(args.base, args.out, args.modality, seed=args.seed, link=args.link,
-                          overwrite=args.overwrite)
+    out = init_checkpoint(args.base, args.out, modality_specs(args.modality, args.encoder), seed=args.seed,
+                          link=args.link, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -298,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="output checkpoint directory (missing or empty, unless --overwrite)")
     s.add_argument("--modality", action="append", required=True, type=_modality_type, metavar="SPEC",
                    help="a modality: NAME:DIM[:PROJECTOR][,key=value...]; repeat for several (syntax below)")
+    add_encoder_option(s)
     s.add_argument("--seed", type=int, default=0, help="projector initialisation seed")
     s.add_argument("--link", action="store_true",
                    help="symlink the base weight files instead of copying them (default: copy)")
@@ -374,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", action="append", required=True, type=_modality_type, metavar="SPEC",
                    help="a new modality: NAME:DIM[:PROJECTOR][,key=value...], as for `mmfuse init`; repeat for "
                         "several. Then train it alone: mmfuse train CKPT DATA --stage 1 --train-modalities NAME")
+    add_encoder_option(s)
     s.add_argument("--seed", type=int, default=0, help="projector initialisation seed")
     s.set_defaults(func=_add_modality)
     return p
@@ -382,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_modality(args: argparse.Namespace) -> None:
     from .checkpoint import add_modality
 
-    out = add_modality(args.ckpt, args.modality, seed=args.seed)
-    print(f"added {', '.join(s.name for s in args.modality)} to {out}")
+    specs = modality_specs(args.modality, args.encoder)
+    out = add_modality(args.ckpt, specs, seed=args.seed)
+    print(f"added {', '.join(s.name for s in specs)} to {out}")
 
 
 BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -36,6 +37,50 @@ class ConfigError(ValueError):
     """A checkpoint or modality spec is malformed."""
 
 
+# encoder kinds (built in mmfuse.encoders) -> the raw media they take; `auto` reads it off the model's
+# preprocessor when loaded (image processor -> image, audio feature extractor -> audio, else text)
+ENCODER_MEDIA = {"clip_vision": "image", "siglip_vision": "image", "whisper": "audio",
+                 "sentence_transformers": "text", "auto": None}
+ENCODER_OUTPUTS = ("pooled", "sequence")
+
+
+@dataclass
+class EncoderSpec:
+    """A frozen encoder that turns a modality's raw media into its vectors.
+
+    ``source``: a hub id, an absolute path, or a path relative to the checkpoint directory
+    (``encoders/NAME``, where ``mmfuse init`` copies a local encoder). ``output``: ``pooled`` (one
+    vector per item) or ``sequence`` (one vector per patch / audio frame / token).
+    """
+
+    source: str
+    kind: str
+    output: str = "pooled"
+    # where `source` was found (the checkpoint's directory for a relative source); set when a checkpoint
+    # is opened, never written to config.json
+    root: str | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError(f"encoder source must be a hub id or path, got {self.source!r}")
+        if self.kind not in ENCODER_MEDIA:
+            raise ConfigError(f"encoder kind {self.kind!r} is not one of {', '.join(ENCODER_MEDIA)}")
+        if self.output not in ENCODER_OUTPUTS:
+            raise ConfigError(f"encoder output {self.output!r} is not one of {', '.join(ENCODER_OUTPUTS)}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "EncoderSpec":
+        if isinstance(data, EncoderSpec):
+            return data
+        if not isinstance(data, dict) or set(data) - {"source", "kind", "output"} or not {"source", "kind"} <= set(data):
+            raise ConfigError(f"encoder must be {{'source': ..., 'kind': ..., 'output': 'pooled'|'sequence'}}, "
+                              f"got {data!r}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"source": self.source, "kind": self.kind, "output": self.output}
+
+
 @dataclass
 class ModalitySpec:
     """One named embedding modality: what its vectors look like and how they enter the LM."""
@@ -50,10 +95,16 @@ class ModalitySpec:
     # resampler only (None for other kinds; RESAMPLER_DEFAULTS when omitted): cross-attention blocks, heads
     resampler_layers: int | None = None
     resampler_heads: int | None = None
+    encoder: EncoderSpec | None = None  # raw media in (images, audio, text) besides vectors
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.match(self.name):
             raise ConfigError(f"modality name {self.name!r} must match [a-z][a-z0-9_]*")
+        if self.encoder is not None:
+            try:
+                self.encoder = EncoderSpec.from_dict(self.encoder)
+            except ConfigError as e:
+                raise ConfigError(f"modality {self.name!r}: {e}") from None
         if self.placeholder is None:
             self.placeholder = f"<|{self.name}|>"
         for key in ("input_dim", "tokens_per_item", "max_items"):
@@ -92,6 +143,10 @@ class ModalitySpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("name")
+        if self.encoder is None:  # written only when set: checkpoints without encoders stay as they were
+            d.pop("encoder")
+        else:
+            d["encoder"] = self.encoder.to_dict()
         for key in RESAMPLER_DEFAULTS:  # written only for a resampler: other kinds' files stay as they were
             if d[key] is None:
                 d.pop(key)
@@ -125,12 +180,20 @@ class MMFuseConfig:
         return cls(modalities=mods, format_version=data.get("format_version", FORMAT_VERSION))
 
     @classmethod
-    def from_hf_config(cls, hf_config: Any) -> "MMFuseConfig":
-        """Read the section from a transformers ``PretrainedConfig`` (or a dict)."""
+    def from_hf_config(cls, hf_config: Any, root: str | None = None) -> "MMFuseConfig":
+        """Read the section from a transformers ``PretrainedConfig`` (or a dict).
+
+        ``root``: the checkpoint's directory, against which encoder sources are resolved (default: the
+        directory the config was loaded from, its ``name_or_path``)."""
         section = hf_config.get("mmfuse") if isinstance(hf_config, dict) else getattr(hf_config, "mmfuse", None)
         if section is None:
             raise ConfigError("not an mmfuse checkpoint: config.json has no 'mmfuse' section (run `mmfuse init`)")
-        return cls.from_dict(section)
+        config = cls.from_dict(section)
+        root = root or getattr(hf_config, "name_or_path", None)
+        for spec in config.modalities.values():
+            if spec.encoder is not None:
+                spec.encoder.root = str(root) if root else None
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": self.format_version,
@@ -145,13 +208,14 @@ MODALITY_OPTIONS = {"tokens": "tokens_per_item", "tokens_per_item": "tokens_per_
                     "heads": "resampler_heads", "resampler_heads": "resampler_heads"}
 
 
-def parse_modality_arg(arg: str) -> ModalitySpec:
+def parse_modality_arg(arg: str, dims: Mapping[str, int] | None = None) -> ModalitySpec:
     """Parse the CLI form ``NAME:DIM[:PROJECTOR][,tokens=K][,hidden=H][,placeholder=P][,max_items=N]``.
 
     ``vision:768`` -> 768-d vectors, mlp2x_gelu, 1 token each; ``audio:128:linear,tokens=4,max_items=8``;
     ``protein:1280,hidden=2048,placeholder=<prot>``. Options come after commas as ``key=value``
     (``tokens``/``tokens_per_item``, ``hidden``/``hidden_dim``, ``placeholder``, ``max_items``), in any order.
-    A malformed piece raises ``ConfigError`` naming that piece and the expected form.
+    A malformed piece raises ``ConfigError`` naming that piece and the expected form. ``dims``: the
+    input size of modalities whose DIM may be left out (those with an encoder: ``image``, ``image::resampler``).
     """
     def bad(piece: str, why: str) -> ConfigError:
         return ConfigError(f"--modality {arg!r}: {piece!r} {why}; expected {MODALITY_SYNTAX}, "
@@ -161,8 +225,11 @@ def parse_modality_arg(arg: str) -> ModalitySpec:
         raise ConfigError(f"--modality {arg!r}: empty; expected {MODALITY_SYNTAX}")
     head, *options = [piece.strip() for piece in arg.split(",")]
     parts = head.split(":")
+    dims = dims or {}
+    if parts[0] in dims and (len(parts) == 1 or not parts[1]):
+        parts = [parts[0], str(dims[parts[0]]), *parts[2:]]
     if len(parts) < 2:
-        raise bad(head, "has no DIM (write NAME:DIM)")
+        raise bad(head, "has no DIM (write NAME:DIM, or attach an encoder with --encoder NAME=SOURCE)")
     if len(parts) > 3:
         raise bad(head, "has more than NAME:DIM:PROJECTOR")
     name, dim = parts[0], parts[1]
@@ -195,6 +262,23 @@ def parse_modality_arg(arg: str) -> ModalitySpec:
         return ModalitySpec(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"--modality {arg!r}: {e}") from None
+
+
+ENCODER_SYNTAX = "NAME=SOURCE[:pooled|sequence]"
+
+
+def parse_encoder_arg(arg: str) -> tuple[str, str, str]:
+    """The CLI form ``NAME=SOURCE[:pooled|sequence]`` -> (name, source, output); the kind is read off the
+    source later (``mmfuse.encoders.encoder_spec``)."""
+    name, sep, source = arg.partition("=")
+    output = "pooled"
+    head, colon, tail = source.rpartition(":")
+    if colon and tail in ENCODER_OUTPUTS:
+        source, output = head, tail
+    if not sep or not NAME_RE.match(name.strip()) or not source.strip():
+        raise ConfigError(f"--encoder {arg!r}: expected {ENCODER_SYNTAX}, e.g. image=openai/clip-vit-base-patch32 "
+                          f"or audio=./whisper-tiny:sequence")
+    return name.strip(), source.strip(), output
 
 
 def wrapper_architecture(base_architecture: str) -> str:

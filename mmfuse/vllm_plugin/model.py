@@ -7,6 +7,7 @@ built inside as ``language_model``. Weights map as
     model.*          -> language_model.model.*
     lm_head.*        -> language_model.lm_head.*   (skipped by the base when tied)
     mm_projectors.*  -> mm_projectors.*            (mmfuse.projectors.build_projectors)
+    encoders.NAME.*  <- the encoder's own safetensors (encoders/NAME/ or its hub snapshot)
 
 vLLM computes ``embed_multimodal`` per batch of items of one modality, caches the
 rows by item hash, and scatters them over the placeholder positions
@@ -27,8 +28,10 @@ from vllm.sequence import IntermediateTensors
 
 from ..checkpoint import SUPPORTED_BASES
 from ..config import ConfigError, MMFuseConfig, base_architecture
+from ..encoders import FEATURE_KEYS, EncoderTower, run_batched
 from ..projectors import build_projectors, project_items
-from .processing import MMFuseDummyInputsBuilder, MMFuseMultiModalProcessor, MMFuseProcessingInfo, feats_key
+from .processing import (MMFuseDummyInputsBuilder, MMFuseMultiModalProcessor, MMFuseProcessingInfo, feats_key,
+                         raw_key)
 
 
 @MULTIMODAL_REGISTRY.register_processor(MMFuseMultiModalProcessor, info=MMFuseProcessingInfo,
@@ -52,6 +55,9 @@ class MMFuseForCausalLM(nn.Module, SupportsMultiModal):
         self.specs = MMFuseConfig.from_hf_config(config).modalities
         with self._mark_tower_model(vllm_config, set(self.specs)):
             self.mm_projectors = build_projectors(self.specs, config.get_text_config().hidden_size)
+            # frozen encoders, replicated on every rank; weights from their own files (load_weights)
+            self.encoders = nn.ModuleDict({n: EncoderTower(s.encoder) for n, s in self.specs.items()
+                                           if s.encoder is not None})
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(vllm_config=vllm_config, hf_config=config,
                                                              architectures=[base],
@@ -59,13 +65,21 @@ class MMFuseForCausalLM(nn.Module, SupportsMultiModal):
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        """Rows for each item in the batch, in item order: a list of [rows_of(spec, item), H]."""
+        """Rows for each item in the batch, in item order: a list of [rows_of(spec, item), H].
+
+        vLLM calls this per group of items of one modality with the same fields: vectors
+        (``{NAME}_feats``) or raw media (``{NAME}__pixel_values`` ...), never both."""
         out: list[torch.Tensor] = []
         for name, proj in self.mm_projectors.items():
             feats = kwargs.get(feats_key(name))
             if feats is not None:
                 # stacked [B, n, d] when all items have the same n, else a list of [n_i, d]
                 out.extend(project_items(proj, list(feats)))
+            raw = {f: kwargs[raw_key(name, f)] for f in FEATURE_KEYS if raw_key(name, f) in kwargs}
+            if raw:
+                count = len(next(iter(raw.values())))
+                items = [{f: v[i] for f, v in raw.items()} for i in range(count)]
+                out.extend(project_items(proj, run_batched(self.encoders[name], items)))
         return out
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
@@ -77,4 +91,8 @@ class MMFuseForCausalLM(nn.Module, SupportsMultiModal):
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        loader = AutoWeightsLoader(self)
+        loaded = loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        for name, tower in self.encoders.items():  # an encoder's weights live in its own directory
+            loaded |= {f"encoders.{name}.{k}" for k in tower.load_weights()}
+        return loaded

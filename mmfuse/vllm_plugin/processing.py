@@ -5,16 +5,18 @@ Data path inside vLLM (0.32 processor API):
     {"prompt" | "prompt_token_ids", "multi_modal_data": {NAME: item or [items]}}
       -> MMFuseDataParser: one subparser per modality of the checkpoint; every item goes
          through mmfuse.inputs.coerce_items (same checks and InputError as the HF backend)
-         and becomes a float32 (n, input_dim) tensor
+         and becomes a float32 (n, input_dim) tensor, or for raw media (a modality with an
+         encoder) a RawItem: the encoder's own HF preprocessor's tensors (mmfuse.encoders)
       -> MMFuseMultiModalProcessor.apply: the shared placeholder rule on token ids
          (mmfuse.inputs.place_placeholder_ids): no placeholder at all -> items first;
          otherwise placeholder/item counts must match
       -> PromptReplacement: each placeholder id becomes rows_of(spec, item) copies of itself
          (n * tokens_per_item; tokens_per_item for a resampler)
-      -> the model gets {NAME}_feats per item and projects it (see model.py)
+      -> the model gets {NAME}_feats per item (or {NAME}__pixel_values etc. for raw media, which
+         its encoder tower turns into vectors) and projects it (see model.py)
 
 Prefix caching: vLLM keys each item by ``hash(model_id, NAME=tensor)`` where a tensor
-hashes as its dtype, shape and raw bytes, and every KV block that overlaps an item
+hashes as its dtype, shape and raw bytes (a raw item: its preprocessed tensors), and every KV block that overlaps an item
 carries that item's hash. So identical text with different vectors shares KV only
 before the first differing item.
 """
@@ -28,13 +30,15 @@ from transformers import BatchFeature
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.inputs import MultiModalDataDict, MultiModalInput
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.media import MediaWithBytes
 from vllm.multimodal.parse import ModalityDataItems, MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
                                         ProcessorInputs, PromptReplacement, PromptUpdate, TimingContext)
 
 from ..config import MMFuseConfig, ModalitySpec
 from ..checkpoint import placeholder_token_ids
-from ..inputs import InputError, coerce_items, place_placeholder_ids, rows_of
+from ..encoders import FEATURE_KEYS
+from ..inputs import InputError, Item, RawItem, coerce_items, place_placeholder_ids, rows_of
 
 
 def feats_key(name: str) -> str:
@@ -42,19 +46,32 @@ def feats_key(name: str) -> str:
     return f"{name}_feats"
 
 
-class VectorItems(ModalityDataItems[list[torch.Tensor], torch.Tensor]):
-    """Validated items of one modality, each float32 (n, input_dim); no HF processor runs on them."""
+def raw_key(name: str, feature: str) -> str:
+    """The model keyword argument that carries one preprocessed tensor of a modality's raw items."""
+    return f"{name}__{feature}"
+
+
+class MMFuseItems(ModalityDataItems[list[Item], Item]):
+    """Validated items of one modality: float32 (n, input_dim) vectors, or raw media its encoder's HF
+    preprocessor already turned into tensors (``RawItem``; one kind per request, see inputs.coerce_items)."""
 
     def get_count(self) -> int:
         return len(self.data)
 
-    def get(self, index: int) -> torch.Tensor:
+    def get(self, index: int) -> Item:
         return self.data[index]
+
+    def get_item_for_hash(self, index: int) -> object:
+        item = self.data[index]
+        # raw media hash as their preprocessed tensors: the same image gives the same key however it came
+        return item.features if isinstance(item, RawItem) else item
 
     def get_processor_data(self) -> Mapping[str, object]:
         return {}
 
     def get_passthrough_data(self) -> Mapping[str, object]:
+        if self.data and isinstance(self.data[0], RawItem):
+            return {raw_key(self.modality, k): [it.features[k] for it in self.data] for k in self.data[0].features}
         return {feats_key(self.modality): self.data}
 
 
@@ -65,10 +82,14 @@ class MMFuseDataParser(MultiModalDataParser):
         super().__init__(**kwargs)
         self.specs = specs
 
-    def _parse_items(self, spec: ModalitySpec, data: object) -> VectorItems | None:
+    def _parse_items(self, spec: ModalitySpec, data: object) -> MMFuseItems | None:
         if data is None:
             return None
-        return VectorItems(coerce_items({spec.name: spec}, {spec.name: data})[spec.name], spec.name)
+        if isinstance(data, MediaWithBytes):  # vLLM's server wraps fetched media with their bytes
+            data = data.media
+        elif isinstance(data, list):
+            data = [d.media if isinstance(d, MediaWithBytes) else d for d in data]
+        return MMFuseItems(coerce_items({spec.name: spec}, {spec.name: data})[spec.name], spec.name)
 
     def _get_subparsers(self):
         return {name: (lambda data, spec=spec: self._parse_items(spec, data)) for name, spec in self.specs.items()}
@@ -132,7 +153,8 @@ class MMFuseMultiModalProcessor(BaseMultiModalProcessor[MMFuseProcessingInfo]):
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature,
                               hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
-        return {feats_key(n): MultiModalFieldConfig.batched(n) for n in self.info.specs if feats_key(n) in hf_inputs}
+        return {key: MultiModalFieldConfig.batched(n) for n in self.info.specs
+                for key in (feats_key(n), *(raw_key(n, f) for f in FEATURE_KEYS)) if key in hf_inputs}
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
