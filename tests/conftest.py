@@ -125,6 +125,47 @@ def qwen3_vllm_pipeline(qwen3_ckpt):
     pipe.close()
 
 
+# -- encoders: real architectures with random weights, each with its own HF preprocessor ---------------------
+
+@pytest.fixture(scope="session")
+def encoder_dirs(tmp_path_factory):
+    """{name: directory}: tiny full CLIP and SigLIP models (32x32 images, 16 patches), a tiny Whisper (2 s
+    windows) and the bundled MiniLM sentence encoder (real weights)."""
+    from mmfuse.tiny import make_vision_encoder, make_whisper_encoder, minilm_dir
+
+    root = tmp_path_factory.mktemp("encoders")
+    return {"clip": make_vision_encoder(root / "clip", "clip"), "siglip": make_vision_encoder(root / "siglip", "siglip"),
+            "whisper": make_whisper_encoder(root / "whisper"), "minilm": minilm_dir()}
+
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the hub id; offline it resolves to the bundled copy
+
+
+# modality -> (encoder, kind, output, projector): every encoder kind and output, beside a vector modality
+ENCODER_MODALITIES = {
+    "image": ("clip", "clip_vision", "pooled", "mlp2x_gelu"),
+    "patches": ("clip", "clip_vision", "sequence", "mlp2x_gelu"),
+    "simage": ("siglip", "siglip_vision", "pooled", "linear"),
+    "spatches": ("siglip", "siglip_vision", "sequence", "resampler"),
+    "audio": ("whisper", "whisper", "sequence", "mlp2x_gelu"),
+    "sent": ("minilm", "sentence_transformers", "pooled", "mlp2x_gelu"),
+    "tok": ("minilm", "sentence_transformers", "sequence", "mlp2x_gelu"),
+    "auto_img": ("clip", "auto", "sequence", "linear"),
+}
+
+
+@pytest.fixture(scope="session")
+def encoder_ckpt(qwen3_base, encoder_dirs, tmp_path_factory):
+    """A Qwen3 checkpoint with one modality per encoder kind/output (ENCODER_MODALITIES) plus m1 (32-d
+    vectors); local encoders copied under encoders/NAME by init_checkpoint, MiniLM referenced by hub id."""
+    modalities = {"m1": {"input_dim": 32}}
+    for name, (enc, kind, output, projector) in ENCODER_MODALITIES.items():
+        source = MINILM_ID if enc == "minilm" else str(encoder_dirs[enc])  # a hub id stays a reference
+        modalities[name] = {"projector": projector, "tokens_per_item": 4 if projector == "resampler" else 1,
+                            "encoder": {"source": source, "kind": kind, "output": output}}
+    return init_checkpoint(qwen3_base, tmp_path_factory.mktemp("encoder_ckpt"), modalities, seed=5)
+
+
 # -- shared helpers (tests/ is on sys.path: `from conftest import ...`) --------------------------------------
 
 def manual_embeds(model, token_ids, items, manual_rows):

@@ -44,7 +44,10 @@ class MMFuseForCausalLM(nn.Module, SupportsMultiModal):
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
-        return None  # placeholders are per checkpoint (spec.placeholder); vLLM's chat parser is not used
+        # vLLM's own chat server turns image_url / input_audio parts into the `image` / `audio` modality and
+        # puts this string where the part was. Placeholders are per checkpoint (spec.placeholder), which a
+        # class method can't see: this is the default one, <|NAME|>. With another, the items go first.
+        return f"<|{modality}|>"
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
