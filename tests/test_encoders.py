@@ -6,6 +6,7 @@ vector modality; the tiny CLIP, SigLIP and Whisper have random weights, MiniLM i
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -218,3 +219,46 @@ def test_prefix_cache_keys_on_the_image_content(encoder_vllm):
     assert again.num_cached_tokens >= total - 128 > before  # the whole prompt but the last partial block
     assert 0 < other.num_cached_tokens <= before  # the text ahead of the image only
     assert other.outputs[0].token_ids is not None
+
+
+@pytest.mark.vllm
+@pytest.mark.server
+def test_vllms_own_openai_server_takes_an_image_url_part(encoder_ckpt, encoder_vllm, hf, tmp_path):
+    """`python -m vllm.entrypoints.openai.api_server` on a checkpoint with an `image` modality answers a
+    standard image_url chat part (data URL) as vllm.LLM.chat does offline, and as the transformers backend
+    does on the prompt vLLM rendered."""
+    import base64
+    import subprocess
+    import sys
+
+    import openai
+    from vllm import SamplingParams
+
+    from mmfuse.bench.serve_load import ServerProcess, free_port
+
+    buf = io.BytesIO()
+    image(21).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "what is in the picture?"}]}]
+    port, log = free_port(), tmp_path / "vllm_server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(encoder_ckpt), "--port",
+           str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        server.wait_ready(300)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        answer = client.chat.completions.create(model=str(encoder_ckpt), messages=messages, temperature=0,
+                                                max_tokens=8).choices[0].message.content
+    finally:
+        server.stop()
+    offline = encoder_vllm.llm.chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    assert answer == offline.outputs[0].text
+    # the placeholder vLLM's chat parser put in the prompt is the image modality's own: the item sits there
+    placeholder = hf.checkpoint.placeholder_ids["image"]
+    assert list(offline.prompt_token_ids).count(placeholder) == 1
+    text = hf.tokenizer.decode(offline.prompt_token_ids)
+    want = hf.generate([hf.encode(prepare(text, {"image": [image(21)]}, hf.specs))], SamplingConfig(max_tokens=8))
+    assert answer == want[0][0].text
