@@ -426,7 +426,8 @@ def _add_modality(args: argparse.Namespace) -> None:
 
 
 BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load",
-              "engine-core": "mmfuse.bench.engine_core", "projectors": "mmfuse.bench.projectors"}
+              "engine-core": "mmfuse.bench.engine_core", "projectors": "mmfuse.bench.projectors",
+              "encoders": "mmfuse.bench.encoders"}
 
 
 def _bench(args: argparse.Namespace) -> int:
