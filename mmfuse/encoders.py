@@ -200,13 +200,18 @@ def _rows_per_image(path: Path, encoder: EncoderSpec, processor) -> int:
     for ``auto``, what the model gives, found by a forward pass on the meta device (no weights, no compute)."""
     from transformers import AutoConfig
 
+    from PIL import Image
+
     config = AutoConfig.from_pretrained(path)
     vision = _vision_config(config)
+    # the size the processor makes: it must be what the tower takes, or rows would not match (in vLLM a
+    # mismatch between announced and produced rows would stop the engine, so it is refused at load)
+    height, width = processor(images=Image.new("RGB", (8, 8)), return_tensors="pt")["pixel_values"].shape[-2:]
     if encoder.kind != "auto":
+        if (height, width) != (vision.image_size, vision.image_size):
+            raise ConfigError(f"encoder {encoder.source!r}: its image processor makes {height}x{width} images, the "
+                              f"vision tower takes {vision.image_size}x{vision.image_size}")
         return (vision.image_size // vision.patch_size) ** 2
-    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
-    height = size.get("height", size.get("shortest_edge"))
-    width = size.get("width", size.get("shortest_edge"))
     with torch.device("meta"):
         model, _ = _build(encoder, config, path)
         out = model(pixel_values=torch.empty(1, 3, height, width))
