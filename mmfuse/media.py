@@ -158,10 +158,15 @@ def _decode(where: str, image):
 def load_audio(where: str, value: object, fmt: str | None = None, limits: MediaLimits = MediaLimits()) -> np.ndarray:
     """A waveform or encoded audio -> float32 mono samples at ``SAMPLE_RATE`` (16 kHz), shape ``[n]``.
 
-    ``value``: a 1-D float array, tensor or list of numbers, already mono at 16 kHz; or encoded bytes
-    (``fmt``: one of ``AUDIO_FORMATS``, or None to take any of them), which are mixed down to mono
-    (mean of the channels) and resampled to 16 kHz; or a file path (format from its contents).
+    ``value``: a 1-D float array, tensor or list of numbers, already mono at 16 kHz; vLLM's
+    ``(waveform, sampling_rate)`` pair, resampled to 16 kHz; encoded bytes (``fmt``: one of
+    ``AUDIO_FORMATS``, or None to take any of them), mixed down to mono (mean of the channels) and
+    resampled; or a file path (format from its contents).
     """
+    if isinstance(value, tuple) and len(value) == 2 and _is_rate(value[1]):
+        if not float(value[1]).is_integer():
+            raise _refuse(where, f"sampling rate {value[1]!r:.40} is not a whole number of Hz")
+        return _waveform(where, value[0], limits, int(value[1]))
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         _check_bytes(where, len(data), limits, "audio data")
@@ -171,8 +176,15 @@ def load_audio(where: str, value: object, fmt: str | None = None, limits: MediaL
     return _waveform(where, value, limits)
 
 
-def _waveform(where: str, value: object, limits: MediaLimits) -> np.ndarray:
-    expected = f"a 1-D float waveform at {SAMPLE_RATE} Hz"
+def _is_rate(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _waveform(where: str, value: object, limits: MediaLimits, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A waveform sampled at ``rate`` -> float32 at ``SAMPLE_RATE``; its length checked before any copy."""
+    expected = "a 1-D float waveform" + (f" at {SAMPLE_RATE} Hz" if rate == SAMPLE_RATE else "")
+    if not AUDIO_RATES[0] <= rate <= AUDIO_RATES[1]:
+        raise _refuse(where, f"sampling rate {rate} Hz is outside {AUDIO_RATES[0]}..{AUDIO_RATES[1]}")
     if isinstance(value, torch.Tensor):
         if value.is_nested or value.layout != torch.strided or not value.is_floating_point() \
                 or value.device.type == "meta":
@@ -181,8 +193,8 @@ def _waveform(where: str, value: object, limits: MediaLimits) -> np.ndarray:
         if value.dtype.kind != "f" or isinstance(value, np.ma.MaskedArray):
             raise _refuse(where, f"expected {expected}, got an array of dtype {value.dtype}")
     elif (values := as_list(value)) is not None:
-        if len(values) > _most_samples(limits):  # before converting a huge list
-            raise _too_long(where, len(values) / SAMPLE_RATE, limits)
+        if len(values) > limits.max_audio_seconds * rate:  # before converting a huge list
+            raise _too_long(where, len(values) / rate, limits)
         if not set(map(type, values)) <= {int, float} and not all(  # the common case: one pass in C
                 type(v) in (int, float) or isinstance(v, (np.floating, np.integer)) for v in values):
             raise _refuse(where, f"expected {expected}: a list of numbers only")
@@ -194,15 +206,24 @@ def _waveform(where: str, value: object, limits: MediaLimits) -> np.ndarray:
         raise _refuse(where, f"expected {expected}, encoded audio bytes or a file path, got {type(value).__name__}")
     if value.ndim != 1:
         raise _refuse(where, f"expected {expected}, got shape {tuple(value.shape)} (mix channels down to mono first)")
-    if value.shape[0] > _most_samples(limits):  # before any copy
-        raise _too_long(where, value.shape[0] / SAMPLE_RATE, limits)
+    if value.shape[0] > limits.max_audio_seconds * rate:  # before any copy
+        raise _too_long(where, value.shape[0] / rate, limits)
     if isinstance(value, torch.Tensor):
         value = value.detach().to("cpu", torch.float32).numpy()
-    return _checked(where, value.astype(np.float32, copy=False), limits)
+    wave = value.astype(np.float32, copy=False)
+    if not np.isfinite(wave).all():  # before resampling spreads a NaN over its neighbours
+        raise _refuse(where, "audio samples contain NaN or Inf")
+    return _checked(where, _resampled(wave, rate), limits)
 
 
-def _most_samples(limits: MediaLimits) -> int:
-    return int(limits.max_audio_seconds * SAMPLE_RATE)
+def _resampled(wave: np.ndarray, rate: int) -> np.ndarray:
+    """``wave`` at ``rate`` -> at ``SAMPLE_RATE`` (scipy's polyphase filter: anti-aliased, exact length ratio)."""
+    if rate == SAMPLE_RATE or not wave.size:
+        return wave
+    from scipy.signal import resample_poly
+
+    g = math.gcd(rate, SAMPLE_RATE)
+    return resample_poly(wave, SAMPLE_RATE // g, rate // g).astype(np.float32)
 
 
 def _too_long(where: str, seconds: float, limits: MediaLimits) -> InputError:
@@ -221,7 +242,6 @@ def _checked(where: str, wave: np.ndarray, limits: MediaLimits) -> np.ndarray:
 
 def _decode_audio(where: str, data: bytes, fmt: str | None, limits: MediaLimits) -> np.ndarray:
     import soundfile as sf
-    from scipy.signal import resample_poly
 
     if fmt is not None and fmt not in AUDIO_FORMATS:
         raise _refuse(where, f"audio format {_short(fmt)} is not supported, expected one of {', '.join(AUDIO_FORMATS)}")
@@ -234,7 +254,8 @@ def _decode_audio(where: str, data: bytes, fmt: str | None, limits: MediaLimits)
             if not 1 <= f.channels <= MAX_AUDIO_CHANNELS:
                 raise _refuse(where, f"audio with {f.channels} channels, at most {MAX_AUDIO_CHANNELS} are accepted")
             if not AUDIO_RATES[0] <= f.samplerate <= AUDIO_RATES[1]:
-                raise _refuse(where, f"audio sample rate {f.samplerate} Hz is outside {AUDIO_RATES[0]}..{AUDIO_RATES[1]}")
+                raise _refuse(where, f"audio sample rate {f.samplerate} Hz is outside "
+                                     f"{AUDIO_RATES[0]}..{AUDIO_RATES[1]}")
             if f.frames > limits.max_audio_seconds * f.samplerate:  # from the header, before decoding
                 raise _too_long(where, f.frames / f.samplerate, limits)
             rate = f.samplerate
@@ -245,10 +266,9 @@ def _decode_audio(where: str, data: bytes, fmt: str | None, limits: MediaLimits)
         reason = getattr(e, "error_string", None) or str(e)
         raise _refuse(where, f"undecodable audio data ({reason})") from None
     mono = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
-    if rate != SAMPLE_RATE and mono.size:
-        g = math.gcd(rate, SAMPLE_RATE)
-        mono = resample_poly(mono, SAMPLE_RATE // g, rate // g).astype(np.float32)
-    return _checked(where, mono, limits)
+    if not np.isfinite(mono).all():  # float WAVs can hold NaN; before resampling spreads it
+        raise _refuse(where, "audio samples contain NaN or Inf")
+    return _checked(where, _resampled(mono, rate), limits)
 
 
 # -- URLs -----------------------------------------------------------------------------------------------
@@ -264,18 +284,26 @@ def decode_data_url(where: str, url: str, limits: MediaLimits = MediaLimits()) -
     params = [p.strip().lower() for p in header.split(";")]
     if params[-1] != "base64":
         raise _refuse(where, "data: URL must be base64-encoded (data:MIME;base64,DATA)")
-    _check_bytes(where, len(data) // 4 * 3, limits, "data: URL content")  # an upper bound, from the length
+    return params[0], decode_base64(where, data, limits, "data: URL content")
+
+
+def decode_base64(where: str, data: str, limits: MediaLimits = MediaLimits(), what: str = "base64 data") -> bytes:
+    """Standard base64 (no whitespace) -> bytes; the size is checked on the string's length first."""
+    if not isinstance(data, str):
+        raise _refuse(where, f"expected a base64 string, got {type(data).__name__}")
+    _check_bytes(where, len(data) // 4 * 3, limits, what)  # an upper bound, from the length
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise _refuse(where, f"invalid base64 in data: URL ({e})") from None
-    return params[0], raw
+        raise _refuse(where, f"invalid base64 in {what} ({e})") from None
 
 
 def host_allowed(host: str, allowed_domains) -> bool:
-    """``host`` is one of ``allowed_domains`` or a subdomain of one (case and a trailing dot ignored)."""
+    """``host`` is one of ``allowed_domains`` or a subdomain of one (case and a trailing dot ignored; an IP
+    address matches only itself)."""
     host = host.lower().rstrip(".")
-    return any(host == d or host.endswith("." + d) for d in (a.lower().strip(".") for a in allowed_domains) if d)
+    domains = [a.lower().strip(".") for a in allowed_domains]
+    return any(host == d or (host.endswith("." + d) and not d.replace(".", "").isdigit()) for d in domains if d)
 
 
 def _check_url(where: str, url: str, allowed_domains) -> None:

@@ -271,6 +271,22 @@ def test_audio_waveform_refusals(bad, match):
         load_audio("modality 'audio' item 3", bad)
 
 
+def test_audio_waveform_with_its_sampling_rate():
+    """vLLM's (waveform, sampling_rate) pair: resampled to 16 kHz."""
+    got = load_audio(AWHERE, (tone(1.0, 44_100), 44_100))
+    assert got.shape == (SAMPLE_RATE,) and got.dtype == np.float32
+    np.testing.assert_allclose(got[100:-100], tone(1.0)[100:-100], atol=5e-3)
+    np.testing.assert_array_equal(load_audio(AWHERE, (tone(0.1), 16_000.0)), tone(0.1))
+    with refused("sampling rate 0 Hz is outside", AWHERE):
+        load_audio(AWHERE, (tone(0.1), 0))
+    with refused("not a whole number of Hz", AWHERE):
+        load_audio(AWHERE, (tone(0.1), float("nan")))
+    with refused("2.0 s is too long, at most 1 s", AWHERE):
+        load_audio(AWHERE, (np.zeros(16_000, np.float32), 8_000), limits=MediaLimits(max_audio_seconds=1))
+    with refused(r"shape \(2, 10\)", AWHERE):
+        load_audio(AWHERE, (np.zeros((2, 10), np.float32), 8_000))
+
+
 def test_audio_waveform_too_long_before_copy():
     limits = MediaLimits(max_audio_seconds=1)
     for long in (np.zeros(SAMPLE_RATE + 1, np.float32), torch.zeros(SAMPLE_RATE + 1), [0.0] * (SAMPLE_RATE + 1)):
@@ -309,6 +325,7 @@ def test_host_allowed():
     assert not host_allowed("badexample.com", ["example.com"])
     assert not host_allowed("example.com.evil.org", ["example.com"])
     assert not host_allowed("example.com", [])
+    assert host_allowed("10.0.0.1", ["10.0.0.1"]) and not host_allowed("1.10.0.0.1", ["10.0.0.1"])
 
 
 @pytest.mark.parametrize("url, allowed, match", [

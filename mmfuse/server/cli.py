@@ -48,6 +48,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                      help="concurrent connections and requests; 503 beyond")
     lim.add_argument("--public-metrics", action="store_true",
                      help="serve /metrics, /openapi.json and /docs without the API key")
+    media = p.add_argument_group("raw media (image_url and input_audio parts)")
+    # comma-separated and repeatable rather than nargs="+", which would swallow a CKPT given after it
+    media.add_argument("--allowed-media-domains", action="extend", default=[], metavar="DOMAIN[,DOMAIN...]",
+                       type=lambda v: [d for d in v.split(",") if d.strip()],
+                       help="fetch http(s) image URLs from these hosts and their subdomains (default: none, "
+                            "data: URLs only)")
+    media.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                       help="width x height, checked before decoding (decompression bombs get a 400)")
+    media.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds,
+                       help="clip duration, checked before decoding")
     eng = p.add_argument_group("engine")
     eng.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                      help="most requests per batch (vLLM: max_num_seqs)")

@@ -43,10 +43,19 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 def _path(loc) -> str | None:
     """``("body", "messages", 0, "content", "list[...]", 1, "EncodedEmbedding", "dtype")`` -> ``messages.0.content.1.dtype``.
 
-    Union branch labels (type names) are dropped; they are pydantic's, not the client's.
+    Union branch labels (type names) are dropped; they are pydantic's, not the client's. So is the tag
+    a tagged union puts after a list index (``content.1.image_url.image_url.url`` -> ``content.1.image_url.url``).
     """
-    keep = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (
-        "[" in p or p[:1].isupper() or p in ("str", "int", "float", "bool", "none")))]
+    keep, tagged = [], False
+    for i, p in enumerate(loc):
+        if isinstance(p, str) and p.startswith("list[tagged-union["):
+            tagged = True
+        elif tagged and isinstance(p, str) and i > 0 and isinstance(loc[i - 1], int):
+            tagged = False  # the discriminator's value, not a field
+            continue
+        if p != "body" and not (isinstance(p, str) and (
+                "[" in p or p[:1].isupper() or p in ("str", "int", "float", "bool", "none"))):
+            keep.append(str(p))
     return ".".join(keep) or None
 
 

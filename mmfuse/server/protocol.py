@@ -1,7 +1,8 @@
 """Request and response models of the OpenAI-compatible API (pydantic), plus mmfuse's extensions.
 
 Parsing only: these models check JSON types and ranges. Embeddings are decoded
-by ``wire``, and checked against the checkpoint by ``mmfuse.inputs``.
+by ``wire``, image and audio parts by ``parts`` (through ``mmfuse.media``), and
+checked against the checkpoint by ``mmfuse.inputs``.
 Unknown fields are refused (400 naming the field) rather than silently ignored.
 Types are strict: no string for a number (``"max_tokens": "2"``), no number or
 string for a bool (``"stream": "yes"``), no float for an int (``2.0``). Lists have
@@ -96,7 +97,34 @@ class EmbeddingPart(_Strict):
     embedding: Embedding
 
 
-ContentPart = Annotated[TextPart | EmbeddingPart, Field(discriminator="type")]
+class ImageURL(_Strict):
+    url: str  # data:image/...;base64,... (or http(s) from an allowed domain): decoded by mmfuse.media
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's; accepted, unused (the encoder sets the size)
+
+
+class ImagePart(_Strict):
+    """OpenAI's image part; goes to the modality whose encoder takes images (or the one named)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+    modality: str | None = None  # extension: which modality, when several take images
+
+
+class InputAudio(_Strict):
+    data: str  # base64 of the encoded file
+    format: Literal["wav", "mp3", "flac", "ogg"]  # OpenAI's wav/mp3, and what else mmfuse.media decodes
+
+
+class AudioPart(_Strict):
+    """OpenAI's audio part; goes to the modality whose encoder takes audio (or the one named)."""
+
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+    modality: str | None = None
+
+
+MediaPart = ImagePart | AudioPart
+ContentPart = Annotated[TextPart | EmbeddingPart | ImagePart | AudioPart, Field(discriminator="type")]
 
 
 class ChatMessage(_Strict):
@@ -249,6 +277,7 @@ class ModalityCard(BaseModel):
     max_items: int
     placeholder: str
     projector: str
+    media: Literal["image", "audio", "text"] | None = None  # raw media its encoder takes; None: vectors only
 
 
 class ModelCard(BaseModel):

@@ -1,8 +1,10 @@
 """The serving object: validated OpenAI requests in, responses (or SSE chunks) out.
 
 Order of checks, cheapest first, before anything is queued: model name,
-sampling limits, item counts per modality (before any embedding is decoded),
-wire decoding, the shared input rules (``chat.render_messages`` and
+sampling limits, the modality of each image/audio part and item counts per
+modality (before any embedding or medium is decoded), wire decoding (image and
+audio parts decoded and run through their encoder's preprocessor on the media
+threads: ``parts.decode``), the shared input rules (``chat.render_messages`` and
 ``inputs.prepare``), then the prompt is tokenized once, off the event loop
 (``engine.encode``: placeholders and prompt length). Only then does a request take a slot in
 the engine (429 when the server already holds ``max_queue`` requests, 503 once
@@ -14,13 +16,16 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel
 
 from ..chat import render_messages
 from ..inputs import EncodedPrompt, InputError, prepare, user_text
 from ..sampling import Completion, SamplingConfig, check_room, engine_sampling
+from . import parts
 from . import protocol as P
 from .engines import Delta
 from .errors import APIError, error_body
@@ -29,6 +34,10 @@ from .settings import ServerSettings
 from .wire import decode_embedding
 
 log = logging.getLogger("mmfuse.server")
+
+# threads decoding media parts and running their encoders' preprocessors: Pillow, libsndfile and numpy
+# release the GIL while they work, so a few run side by side; more would only compete with the engine for cores
+MEDIA_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass
@@ -53,6 +62,8 @@ class Serving:
         # the server's item cap, applied through the shared input rules
         self.specs = {n: dataclasses.replace(s, max_items=min(s.max_items, cap or s.max_items))
                       for n, s in engine.specs.items()}
+        self.media = parts.modality_media(self.specs)  # what each modality takes as raw media
+        self._media_threads = ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="mmfuse-media")
         self.in_flight = 0
         self.closing = False
 
@@ -60,7 +71,8 @@ class Serving:
 
     def models(self) -> P.ModelList:
         cards = [P.ModalityCard(name=n, input_dim=s.input_dim, tokens_per_item=s.tokens_per_item,
-                                max_items=s.max_items, placeholder=s.placeholder, projector=s.projector)
+                                max_items=s.max_items, placeholder=s.placeholder, projector=s.projector,
+                                media=self.media[n])
                  for n, s in self.specs.items()]
         return P.ModelList(data=[P.ModelCard(id=self.settings.served_model_name, created=P.now(),
                                              backend=self.engine.name, max_model_len=self.engine.max_model_len,
@@ -105,6 +117,9 @@ class Serving:
         return {n: [decode_embedding(f"{param}.{n}[{i}]", _plain(e)) for i, e in enumerate(v)]
                 for n, v in embeddings.items()}
 
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._media_threads, fn, *args)
+
     async def _finish(self, text: str, items, param: str, sampling: SamplingConfig, req,
                       explicit_max_tokens: bool) -> Job:
         try:
@@ -133,35 +148,69 @@ class Serving:
 
     async def check_chat(self, req: P.ChatCompletionRequest) -> Job:
         sampling = self._sampling(req, req.max_completion_tokens or req.max_tokens, req.logprobs)
-        counts: dict[str, int] = {}
-        for msg in req.messages:
-            for part in msg.content if isinstance(msg.content, list) else []:
-                if isinstance(part, P.EmbeddingPart):
-                    counts[part.modality] = counts.get(part.modality, 0) + 1
-        self._check_counts(counts, "messages")
+        media = await self._decode_media(req.messages, self._route_parts(req.messages))
         try:
-            messages = [{"role": m.role, "content": self._content(i, m.content)} for i, m in enumerate(req.messages)]
+            messages = [{"role": m.role, "content": self._content(i, m.content, media)}
+                        for i, m in enumerate(req.messages)]
             extra = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
             text, items = render_messages(messages, self.engine.tokenizer, self.specs, extra,
                                           req.allow_special_tokens)
         except InputError as e:
             raise APIError(400, str(e), "messages", "input_error") from None
         return await self._finish(text, items, "messages", sampling, req,
-                            (req.max_completion_tokens or req.max_tokens) is not None)
+                                  (req.max_completion_tokens or req.max_tokens) is not None)
 
-    def _content(self, i: int, content) -> str | list | None:
+    def _route_parts(self, messages: list[P.ChatMessage]) -> dict[tuple[int, int], tuple[str, int]]:
+        """(modality, item index) of each image/audio part, by (message, part); items per modality counted, all
+        before anything is decoded. Items are indexed in part order, as ``chat.render_messages`` collects them."""
+        counts: dict[str, int] = {}
+        routes: dict[tuple[int, int], tuple[str, int]] = {}
+        for i, msg in enumerate(messages):
+            for j, part in enumerate(msg.content if isinstance(msg.content, list) else []):
+                if isinstance(part, P.EmbeddingPart):
+                    name = part.modality
+                elif parts.part_media(part):
+                    try:
+                        name = parts.route(f"messages[{i}].content[{j}]", part, self.media)
+                    except InputError as e:
+                        raise APIError(400, str(e), e.param, "input_error") from None
+                    routes[i, j] = (name, counts.get(name, 0))
+                else:
+                    continue
+                counts[name] = counts.get(name, 0) + 1
+        self._check_counts(counts, "messages")
+        return routes
+
+    async def _decode_media(self, messages: list[P.ChatMessage], routes: Mapping[tuple[int, int], tuple[str, int]]
+                            ) -> dict[tuple[int, int], tuple[str, object]]:
+        """Image and audio parts -> (modality, preprocessed raw item), on the media threads."""
+        if not routes:
+            return {}
+        limits, domains = self.settings.media_limits, self.settings.allowed_media_domains
+
+        def decode_all():
+            return {(i, j): (name, parts.decode(f"messages[{i}].content[{j}]", messages[i].content[j],
+                                                self.specs[name], index, limits, domains))
+                    for (i, j), (name, index) in routes.items()}
+        try:
+            return await self._off_loop(decode_all)
+        except InputError as e:
+            raise APIError(400, str(e), e.param, "input_error") from None
+
+    def _content(self, i: int, content, media: Mapping[tuple[int, int], tuple[str, object]]) -> str | list | None:
         if not isinstance(content, list):
             return content
-        parts = []
+        out = []
         for j, part in enumerate(content):
-            d = {"type": part.type}
             if isinstance(part, P.TextPart):
-                d["text"] = part.text
-            else:
-                d["modality"] = part.modality
-                d["embedding"] = decode_embedding(f"messages[{i}].content[{j}].embedding", _plain(part.embedding))
-            parts.append(d)
-        return parts
+                out.append({"type": "text", "text": part.text})
+            elif isinstance(part, P.EmbeddingPart):
+                out.append({"type": "input_embedding", "modality": part.modality, "embedding": decode_embedding(
+                    f"messages[{i}].content[{j}].embedding", _plain(part.embedding))})
+            else:  # a decoded image/audio part: an item of its modality, standing where the part stood
+                name, item = media[i, j]
+                out.append({"type": "input_embedding", "modality": name, "embedding": item})
+        return out
 
     async def check_completion(self, req: P.CompletionRequest) -> Job:
         sampling = self._sampling(req, req.max_tokens, req.logprobs is not None)
@@ -244,6 +293,7 @@ class Serving:
         self.closing = True
         while self.in_flight:
             await asyncio.sleep(0.05)
+        self._media_threads.shutdown(wait=False, cancel_futures=True)
         await self.engine.close()
 
 

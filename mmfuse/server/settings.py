@@ -1,11 +1,14 @@
 """Server settings: one typed dataclass, validated once, shared by the app, the guards and the engines."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from ..backends import BACKENDS
 from ..config import ConfigError
+from ..media import MediaLimits
 
+_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$|^[0-9.]+$")
 
 
 @dataclass
@@ -34,6 +37,13 @@ class ServerSettings:
     request_timeout_s: float = 600.0  # a request's whole answer (streams included); 503 (or the stream ends) beyond
     max_connections: int = 512  # concurrent connections plus requests (uvicorn limit_concurrency); 503 beyond
     public_metrics: bool = False  # /metrics, /openapi.json and /docs without the API key (/health always is)
+    # raw media parts (image_url, input_audio): defaults and their reasons in mmfuse.media.MediaLimits
+    max_image_pixels: int = MediaLimits.max_image_pixels  # width x height, read from the header before decoding
+    max_audio_seconds: float = MediaLimits.max_audio_seconds  # read from the header before decoding
+    # hosts (and their subdomains) whose http(s) image URLs are fetched; empty = data: URLs only, so that a
+    # client cannot make the server reach into its own network
+    allowed_media_domains: tuple[str, ...] = ()
+    media_limits: MediaLimits = field(init=False, repr=False)  # the three above, validated once
     # engine
     max_batch_size: int = 32  # transformers backend: most requests generated as one batch
     dtype: str = "float32"  # fp32 on CPU: bf16 matmuls are far slower there
@@ -68,5 +78,12 @@ class ServerSettings:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ConfigError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
                              f"({self.max_tokens_limit})")
+        self.allowed_media_domains = tuple(d.lower().strip().rstrip(".") for d in self.allowed_media_domains)
+        bad = [d for d in self.allowed_media_domains if not _DOMAIN.match(d)]
+        if bad:
+            raise ConfigError(f"allowed_media_domains: expected host names such as images.example.com (no scheme, "
+                              f"path or wildcard), got {bad}")
+        self.media_limits = MediaLimits(max_image_pixels=self.max_image_pixels,
+                                        max_audio_seconds=self.max_audio_seconds)
         if self.served_model_name is None:
             self.served_model_name = str(self.model)
