@@ -32,6 +32,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from torch import nn
 
 from .config import ENCODER_MEDIA, ConfigError, EncoderSpec, ModalitySpec
 from .inputs import InputError, RawItem, is_sampled_waveform
+
+if TYPE_CHECKING:
+    from .media import MediaLimits
 
 
 # -- where an encoder's files are ------------------------------------------------------------------------
@@ -141,23 +145,26 @@ class Preprocessor:
     rows_per_image: int = 1  # sequence output of a vision tower: patches per image
     max_text_tokens: int = 512
 
-    def __call__(self, where: str, value: object) -> RawItem:
+    def __call__(self, where: str, value: object, limits: "MediaLimits | None" = None) -> RawItem:
+        from .media import MediaLimits
+
+        limits = limits or MediaLimits()
         if self.media == "image":
             from .media import load_image
 
-            pixels = self.processor(images=load_image(where, value), return_tensors="pt")["pixel_values"][0]
+            pixels = self.processor(images=load_image(where, value, limits), return_tensors="pt")["pixel_values"][0]
             return RawItem({"pixel_values": pixels.float()}, self.rows_per_image if self.output == "sequence" else 1)
         if self.media == "audio":
-            return self._audio(where, value)
+            return self._audio(where, value, limits)
         if not isinstance(value, str) or not value:
             raise InputError(f"{where}: expected a non-empty string for this text encoder, got {value!r:.40}")
         ids = self.processor(value, truncation=True, max_length=self.max_text_tokens)["input_ids"]
         return RawItem({"input_ids": torch.tensor(ids, dtype=torch.long)}, len(ids) if self.output == "sequence" else 1)
 
-    def _audio(self, where: str, value: object) -> RawItem:
+    def _audio(self, where: str, value: object, limits: "MediaLimits") -> RawItem:
         from .media import load_audio
 
-        wave = load_audio(where, value)
+        wave = load_audio(where, value, limits=limits)
         fe = self.processor
         if len(wave) > fe.n_samples:
             raise InputError(f"{where}: audio of {len(wave) / fe.sampling_rate:.1f} s, this encoder takes at most "
@@ -232,11 +239,12 @@ def is_raw(spec: ModalitySpec, value: object) -> bool:
     return False
 
 
-def preprocess(spec: ModalitySpec, index: int, value: object) -> RawItem:
-    """One raw item of a modality -> a ``RawItem`` (its encoder's preprocessed tensors and row count)."""
+def preprocess(spec: ModalitySpec, index: int, value: object, limits: "MediaLimits | None" = None) -> RawItem:
+    """One raw item of a modality -> a ``RawItem`` (its encoder's preprocessed tensors and row count).
+    ``limits``: pixel, byte and duration limits for decoding (``mmfuse.media.MediaLimits()`` by default)."""
     where = f"modality {spec.name!r} item {index}"
     try:
-        return get_preprocessor(spec.encoder)(where, value)
+        return get_preprocessor(spec.encoder)(where, value, limits)
     except InputError:
         raise
     except (ValueError, TypeError) as e:  # the HF preprocessor refused the decoded media

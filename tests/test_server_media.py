@@ -304,3 +304,29 @@ def test_hostile_media_get_400_naming_the_part_and_the_server_keeps_serving(medi
             problems.append(f"{name}: the next good request got {after.text[:200]}")
     assert httpx.get(f"{media_server.url}/health").status_code == 200
     assert not problems, "\n".join(problems)
+
+
+# -- the same through a vLLM-backed server --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_media_client(encoder_ckpt, tmp_path_factory):
+    pytest.importorskip("vllm")
+    srv = start_server(encoder_ckpt, "--backend", "vllm", "--max-model-len", "512", *SERVER_ARGS,
+                       log=tmp_path_factory.mktemp("vllm_media_server") / "server.log", api_key=KEY)
+    yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.mark.vllm
+@pytest.mark.server
+def test_vllm_backed_server_answers_media_parts_as_the_offline_pipeline(vllm_media_client, offline):
+    """A vLLM-backed server: image (data URL, streamed and not) and audio parts between texts give the
+    transformers pipeline's greedy text for the same bytes; a different image changes the first logprob."""
+    png = picture("PNG", seed=1)
+    want = greedy(offline, [text("What is in "), raw("image", png), text("?")])
+    for stream in (False, True):
+        assert chat(vllm_media_client, [text("What is in "), image_part(png), text("?")], stream=stream) == want
+    jpg, clip = picture("JPEG", seed=3), wav(tone(1.2, 22_050), 22_050)
+    wire = [text("compare "), image_part(jpg, "patches", "image/jpeg"), text(" while hearing "), audio_part(clip)]
+    local = [text("compare "), raw("patches", jpg), text(" while hearing "), raw("audio", clip)]
+    assert chat(vllm_media_client, wire) == greedy(offline, local)

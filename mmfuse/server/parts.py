@@ -69,7 +69,7 @@ def decode(where: str, part, spec: ModalitySpec, index: int, limits: MediaLimits
     own preprocessor. Blocking."""
     medium = load(where, part, limits, allowed_domains)
     try:
-        return preprocess(spec, index, medium)
+        return preprocess(spec, index, medium, limits)
     except InputError as e:  # its message names the item ("modality 'audio' item 0: ..."); say which part
         raise InputError(f"{where}: {e}", where) from None
 

@@ -115,10 +115,14 @@ def decode_base64(where: str, dtype: str, shape: list[int], data: str) -> np.nda
 
 
 def decode_embedding(where: str, value: object) -> np.ndarray | list:
-    """One wire embedding -> an array (base64 form) or the JSON list itself (checked later by ``inputs``)."""
+    """One wire embedding -> an array (base64 form) or the JSON list itself (checked later by ``inputs``).
+
+    Always as rows: an embedding on the wire is vectors, never raw media, so a single vector becomes
+    (1, d) (for an audio modality a 1-D array would otherwise read as a waveform)."""
     if isinstance(value, dict):
-        return decode_base64(where, value.get("dtype"), value.get("shape"), value.get("data"))
+        array = decode_base64(where, value.get("dtype"), value.get("shape"), value.get("data"))
+        return array.reshape(1, -1) if array.ndim == 1 else array
     if isinstance(value, list):
-        return value
+        return [value] if value and not isinstance(value[0], list) else value
     raise InputError(f"{where}: expected an array of numbers or {{dtype, shape, data}}, got {type(value).__name__}")
 
