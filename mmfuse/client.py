@@ -44,3 +44,24 @@ def encode_embedding(array, dtype: str = "float32") -> dict:
 def embedding_part(array, modality: str, dtype: str = "float32") -> dict:
     """A chat ``content`` part carrying ``array`` for ``modality``: it stands where the placeholder would."""
     return {"type": "input_embedding", "modality": modality, "embedding": encode_embedding(array, dtype)}
+
+
+def _read(data) -> bytes:
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    with open(data, "rb") as f:  # a path
+        return f.read()
+
+
+def image_part(data, mime: str = "image/png", modality: str | None = None) -> dict:
+    """A standard OpenAI ``image_url`` part with the image inline as a data URL (``data``: encoded image
+    bytes or a file path). ``modality`` names the checkpoint's modality when several take images."""
+    url = f"data:{mime};base64," + base64.b64encode(_read(data)).decode("ascii")
+    part = {"type": "image_url", "image_url": {"url": url}}
+    return part | {"modality": modality} if modality else part
+
+
+def audio_part(data, fmt: str = "wav", modality: str | None = None) -> dict:
+    """A standard OpenAI ``input_audio`` part (``data``: encoded audio bytes or a file path)."""
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(_read(data)).decode("ascii"), "format": fmt}}
+    return part | {"modality": modality} if modality else part

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from test_media import encoded, png_bomb, tone, wav
 
+from mmfuse import client as client_parts
 from mmfuse.bench.serve_load import start_server
 from mmfuse.inputs import InputError, RawItem
 from mmfuse.media import MediaLimits
@@ -48,12 +49,11 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 
 def image_part(data: bytes, modality: str | None = "image", mime: str = "image/png") -> dict:
-    part = {"type": "image_url", "image_url": {"url": data_url(data, mime)}}
-    return part | ({"modality": modality} if modality else {})
+    return client_parts.image_part(data, mime, modality)  # what users send with mmfuse.client
 
 
 def audio_part(data: bytes, fmt: str = "wav") -> dict:
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+    return client_parts.audio_part(data, fmt)
 
 
 def text(t: str) -> dict:
