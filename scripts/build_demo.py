@@ -10,7 +10,8 @@ Steps (all seeded; deterministic algorithms, 1 thread: two builds give byte-iden
    ``train.parquet`` (work dir) and ``heldout.parquet`` (shipped);
 3. train a BPE tokenizer and a tiny Qwen3 LM from scratch on the *training*
    sentences only, as a plain LM (``scripts/demo_pretrain.py``);
-4. ``mmfuse.init_checkpoint`` with the two modalities;
+4. ``mmfuse.init_checkpoint`` with the two modalities, each declaring MiniLM as its
+   ``sentence_transformers`` encoder (``mmfuse.demo.ENCODER``: raw sentences go in too);
 5. stage 1 (projectors only, LM frozen) and stage 2 (projectors + LoRA) with
    ``mmfuse.training.train``, each evaluated on the held-out split;
 6. copy the stage-2 checkpoint's files (no training state) to ``OUT/ckpt`` and
@@ -135,9 +136,10 @@ def build(out: Path, work: Path, config: BuildConfig) -> dict:
     t = time.time()
     base = make_base_lm(train_sentences, work, config)
     timings["pretrain"] = round(time.time() - t, 1)
-    specs = [ModalitySpec(name="sent", input_dim=task.EMBED_DIM, projector=config.projector),
+    specs = [ModalitySpec(name="sent", input_dim=task.EMBED_DIM, projector=config.projector,
+                          encoder=task.ENCODER["sent"]),
              ModalitySpec(name="tok", input_dim=task.EMBED_DIM, projector=config.tok_projector or config.projector,
-                          tokens_per_item=config.tok_tokens, max_items=4)]
+                          tokens_per_item=config.tok_tokens, max_items=4, encoder=task.ENCODER["tok"])]
     init = init_checkpoint(base, work / "init", specs, seed=config.seed, overwrite=True)
     s1 = stage(1, init, work / "stage1", work / "train.parquet", out / "heldout.parquet", config)
     s2 = stage(2, work / "stage1", work / "stage2", work / "train.parquet", out / "heldout.parquet", config)

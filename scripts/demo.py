@@ -1,9 +1,12 @@
-"""The shipped demo (``make demo``): MiniLM sentence vectors in, the sentence written back.
+"""The shipped demo (``make demo``): sentences in, MiniLM's vectors of them read by the LM, the sentence written back.
 
-Encodes scene descriptions that are in neither the training data nor the held-out split
-(``mmfuse.demo.DEMO_SENTENCES``, or your own: ``a SIZE COLOR SHAPE POSITION``), runs the
-shipped checkpoint ``demo/ckpt`` on them and prints a table. The task itself (grammar,
-encoder, prompt) is ``mmfuse/demo.py``; ``scripts/build_demo.py`` trains the checkpoint.
+Sends scene descriptions that are in neither the training data nor the held-out split
+(``mmfuse.demo.DEMO_SENTENCES``, or your own: ``a SIZE COLOR SHAPE POSITION``) as raw text to
+the shipped checkpoint ``demo/ckpt``, whose modalities declare MiniLM as their encoder: the
+backend encodes each sentence (``sent``: the pooled vector, ``tok``: the token states), only
+those vectors reach the LM, and the script prints a table of what it writes back. The task
+itself (grammar, encoder, prompt) is ``mmfuse/demo.py``; ``scripts/build_demo.py`` trains the
+checkpoint.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mmfuse.demo import CKPT_DIR, DEMO_SENTENCES, EMBED_DIM, PROMPT, REPO, encode, request
+from mmfuse.demo import CKPT_DIR, DEMO_SENTENCES, EMBED_DIM, PROMPT, REPO, raw_items, request
 
 
 def _build_on_the_fly(ckpt: Path) -> None:
@@ -26,7 +29,7 @@ def _build_on_the_fly(ckpt: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sentences", nargs="*", help="descriptions to encode (default: five new ones); "
+    parser.add_argument("sentences", nargs="*", help="descriptions to send (default: five new ones); "
                         "the grammar is 'a SIZE COLOR SHAPE POSITION'")
     parser.add_argument("--ckpt", default=str(CKPT_DIR), help="mmfuse checkpoint (default: the shipped demo/ckpt)")
     parser.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
@@ -43,18 +46,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmfuse.pipeline import MultimodalPipeline
 
-    status(f"encoding {len(sentences)} sentences with MiniLM (sent: 1 x {EMBED_DIM}, tok: n x {EMBED_DIM})")
-    items = encode(sentences)
     with MultimodalPipeline(ckpt, backend=args.backend) as pipe:
-        status(f"generating ({pipe.backend.name})")
-        outputs = pipe.generate([request(x) for x in items], max_tokens=24)
+        status(f"generating ({pipe.backend.name}) from {len(sentences)} raw sentence{'s' * (len(sentences) != 1)}, "
+               f"encoded inside the backend by MiniLM (sent: 1 x {EMBED_DIM}, tok: n x {EMBED_DIM})")
+        outputs = pipe.generate([request(raw_items(s)) for s in sentences], max_tokens=24)
     print(f"\nbackend: {pipe.backend.name}    prompt: {PROMPT!r}  (the text is the same for every input)\n")
     width = max(len(s) for s in sentences)
-    print(f"{'MiniLM input'.ljust(width)}  | {'model output'}")
+    print(f"{'input sentence'.ljust(width)}  | {'model output'}")
     print(f"{'-' * width}--+-{'-' * width}")
-    for s, x, out in zip(sentences, items, outputs):
-        mark = "ok" if out.strip() == s.strip() else "differs"
-        print(f"{s.ljust(width)}  | {out.strip()}   [{mark}, tok rows: {x['tok'][0].shape[0]}]")
+    for s, out in zip(sentences, outputs):
+        print(f"{s.ljust(width)}  | {out.strip()}   [{'ok' if out.strip() == s.strip() else 'differs'}]")
     return 0
 
 

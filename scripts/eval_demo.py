@@ -3,15 +3,18 @@
     .venv/bin/python scripts/eval_demo.py                  # hf backend
     .venv/bin/python scripts/eval_demo.py --backend vllm   # the vLLM plugin
     .venv/bin/python scripts/eval_demo.py --backend both
+    .venv/bin/python scripts/eval_demo.py --backend both --raw   # sentences in, encoded inside the backend
 
-For each backend, greedy exact match (generated text == reference sentence) of:
+Items are the held-out file's MiniLM vectors, or with ``--raw`` the sentences themselves (the
+rows' responses), which the checkpoint's MiniLM encoder turns into the same vectors inside the
+backend. For each backend, greedy exact match (generated text == reference sentence) of:
 
 - ``trained``: the shipped checkpoint ``demo/ckpt``;
 - ``untrained_projectors``: the same LM with freshly initialised projectors
   (``mmfuse.init_checkpoint``'s initialisation, seed 0), i.e. without what
   stage 1/2 taught the projectors;
 - ``swapped``: the shipped checkpoint, each example given another example's
-  vectors (row i gets row i+1's ``sent`` and ``tok``; all combinations differ),
+  items (row i gets row i+1's ``sent`` and ``tok``; all combinations differ),
   scored against its *own* sentence. ``swapped_follows_vectors`` is the share
   that wrote the donor's sentence instead: the text is the same for every row,
   so the vectors decide the output.
@@ -107,11 +110,16 @@ def main() -> int:
     parser.add_argument("--data", default=str(task.HELDOUT))
     parser.add_argument("--backend", default="hf", choices=("hf", "vllm", "both"))
     parser.add_argument("--limit", type=int, default=None, help="only the first N held-out rows")
+    parser.add_argument("--raw", action="store_true", help="send each row's sentence as raw text (the "
+                        "checkpoint's encoder makes the vectors) instead of the file's vectors")
     parser.add_argument("--json", default=None, help="also write the result to this file")
     args = parser.parse_args()
     rows = task.heldout_rows(args.data, args.limit)
+    if args.raw:
+        rows = [{**r, "items": task.raw_items(r["response"])} for r in rows]
     backends = ("hf", "vllm") if args.backend == "both" else (args.backend,)
-    result = {b: evaluate_backend(Path(args.ckpt), rows, b) for b in backends}
+    result = {b: {"inputs": "raw sentences" if args.raw else "vectors", **evaluate_backend(Path(args.ckpt), rows, b)}
+              for b in backends}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -73,3 +73,37 @@ def test_minilm_encoding_matches_the_shipped_vectors(rows):
     for r, x in zip(rows, fresh):
         for name in ("sent", "tok"):
             np.testing.assert_allclose(x[name][0], r["items"][name][0], atol=2e-4, rtol=1e-3)
+
+
+def test_checkpoint_encoder_makes_the_demo_vectors(rows):
+    """Both modalities declare MiniLM as their encoder; on raw sentences it makes ``mmfuse.demo.encode``'s
+    vectors (the ones the checkpoint was trained on) to 1e-5."""
+    import numpy as np
+    import torch
+
+    from mmfuse.checkpoint import open_checkpoint
+    from mmfuse.encoders import encode_items, preprocess
+
+    specs = open_checkpoint(task.CKPT_DIR).specs
+    sentences = [r["response"] for r in rows[:4]]
+    fresh = task.encode(sentences)
+    for name, spec in specs.items():
+        assert spec.encoder.to_dict() == task.ENCODER[name]
+        vectors = encode_items(spec, [preprocess(spec, i, s) for i, s in enumerate(sentences)], "cpu", torch.float32)
+        for v, x in zip(vectors, fresh):
+            np.testing.assert_allclose(v.numpy(), x[name][0], atol=1e-5, rtol=0)
+
+
+def test_raw_sentences_give_the_same_tokens_as_their_vectors(pipe, rows):
+    """A held-out row's sentence as raw text (encoded inside the backend) and the row's shipped vectors: identical
+    greedy tokens with log-probs within 1e-4, the sentence written back."""
+    import numpy as np
+
+    from mmfuse import SamplingConfig
+
+    few, config = rows[:4], SamplingConfig(max_tokens=24, logprobs=True)
+    vectors = pipe.generate_completions([task.request(r["items"]) for r in few], config)
+    raw = pipe.generate_completions([task.request(task.raw_items(r["response"])) for r in few], config)
+    for r, [v], [w] in zip(few, vectors, raw):
+        assert w.token_ids == v.token_ids and w.text.strip() == r["response"], (w.text, v.text)
+        np.testing.assert_allclose(w.logprobs, v.logprobs, atol=1e-4, rtol=0)

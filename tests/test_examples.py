@@ -29,6 +29,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -376,8 +377,9 @@ def test_eval_on_vllm_prints_one_json_line(tmp_path):
 
 @pytest.mark.vllm
 def test_demo_script_prints_the_table_and_one_status_line_per_stage(tmp_path):
-    """`python scripts/demo.py` (what `make demo` runs): exit 0, the five reserved sentences written back; on
-    stderr nothing but mmfuse's status lines, each stage once (the engine's chatter is behind -v)."""
+    """`python scripts/demo.py` (what `make demo` runs): exit 0, the five reserved sentences, sent as raw text and
+    encoded by MiniLM inside the backend, written back; on stderr nothing but mmfuse's status lines, each stage
+    once (the engine's chatter is behind -v)."""
     from mmfuse.demo import DEMO_SENTENCES
 
     proc = run([sys.executable, str(REPO / "scripts" / "demo.py")], user_env(tmp_path), user_cwd(tmp_path))
@@ -387,8 +389,26 @@ def test_demo_script_prints_the_table_and_one_status_line_per_stage(tmp_path):
     rows = [line for line in out if "| " in line and "[" in line]
     assert len(rows) == len(DEMO_SENTENCES), proc.stdout
     for sentence, line in zip(DEMO_SENTENCES, rows):
-        assert line.split("|")[1].split("[")[0].strip() == sentence and "[ok," in line, line
+        assert line.split("|")[1].split("[")[0].strip() == sentence and line.endswith("[ok]"), line
     status = [line for line in err if line.startswith("mmfuse: ")]
     assert status and len(set(status)) == len(status), err
     others = [line for line in err if not line.startswith("mmfuse: ")]
     assert not others, f"stderr beside the status lines: {others}"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_demo_takes_a_sentence():
+    """`make demo "a tiny blue cone in the corner"` (README) runs scripts/demo.py with the sentence as one argument,
+    `ARGS=...` goes through as it is, and other unknown targets still fail (make -n: nothing runs)."""
+    def dry(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    def demo_line(proc: subprocess.CompletedProcess) -> str:
+        assert proc.returncode == 0, proc.stderr
+        return next(line for line in proc.stdout.splitlines() if "scripts/demo.py" in line).split("scripts/demo.py")[1]
+
+    assert demo_line(dry("demo", "a tiny blue cone in the corner")).strip() == "'a tiny blue cone in the corner'"
+    assert demo_line(dry("demo", "it's a test")).strip() == "'it'\\''s a test'"
+    assert demo_line(dry("demo", "ARGS=--backend hf 'a b'")).strip() == "--backend hf 'a b'"
+    assert demo_line(dry("demo")).strip() == ""
+    assert dry("no-such-target").returncode != 0
