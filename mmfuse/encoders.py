@@ -30,7 +30,7 @@ import json
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,9 +47,19 @@ if TYPE_CHECKING:
 
 # -- where an encoder's files are ------------------------------------------------------------------------
 
+_DIRS: dict[tuple, Path] = {}
+
+
 def encoder_dir(encoder: EncoderSpec) -> Path:
     """The local directory of an encoder: a path (relative ones under the checkpoint), or a hub id
-    resolved through the Hugging Face cache."""
+    resolved through the Hugging Face cache. Resolved once per process (a hub lookup is not free)."""
+    key = (encoder.source, encoder.root)
+    if key not in _DIRS:
+        _DIRS[key] = _find_dir(encoder)
+    return _DIRS[key]
+
+
+def _find_dir(encoder: EncoderSpec) -> Path:
     root = Path(encoder.root) if encoder.root else Path(".")
     if encoder.root and not root.is_dir():  # a checkpoint opened by hub id: its snapshot directory
         from .checkpoint import resolve
@@ -144,6 +154,7 @@ class Preprocessor:
     output: str
     rows_per_image: int = 1  # sequence output of a vision tower: patches per image
     max_text_tokens: int = 512
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __call__(self, where: str, value: object, limits: "MediaLimits | None" = None) -> RawItem:
         from .media import MediaLimits
@@ -158,7 +169,8 @@ class Preprocessor:
             return self._audio(where, value, limits)
         if not isinstance(value, str) or not value:
             raise InputError(f"{where}: expected a non-empty string for this text encoder, got {value!r:.40}")
-        ids = self.processor(value, truncation=True, max_length=self.max_text_tokens)["input_ids"]
+        with self.lock:  # a fast tokenizer is not safe to call from two threads at once ("Already borrowed")
+            ids = self.processor(value, truncation=True, max_length=self.max_text_tokens)["input_ids"]
         return RawItem({"input_ids": torch.tensor(ids, dtype=torch.long)}, len(ids) if self.output == "sequence" else 1)
 
     def _audio(self, where: str, value: object, limits: "MediaLimits") -> RawItem:
