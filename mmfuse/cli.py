@@ -136,6 +136,15 @@ examples:
   mmfuse data check ckpt train.parquet                  # names the first bad rows, exit 1 if any
   mmfuse data check ckpt data_dir/ --max-errors 50 --streaming
 """,
+    "data encode": """\
+examples:
+  mmfuse data encode ckpt raw.parquet encoded/          # raw images/audio/text -> vectors, parquet shards
+  mmfuse data encode ckpt raw.parquet encoded/          # again: keeps the complete shards, encodes the rest
+  mmfuse train ckpt encoded/ --stage 1 --out run1       # same loss as on raw.parquet, no encoder per step
+
+Rows keep every column; mm_NAME of each modality with an encoder becomes float32 vectors.
+OUT must be missing or empty, or hold this same job; --overwrite starts over.
+""",
     "serve": """\
 examples:
   mmfuse serve demo/ckpt --port 8000
@@ -379,9 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an earlier base or checkpoint in OUT (default: refuse a non-empty OUT)")
     s.set_defaults(func=_tiny_base)
 
-    from .training.cli import (add_data_check_args, add_eval_args, add_train_args, run_data_check, run_eval,
-                               run_train)
-    data = command(sub, "data", "dataset tools: `mmfuse data check --help`", "data check")
+    from .training.cli import (add_data_check_args, add_data_encode_args, add_eval_args, add_train_args,
+                               run_data_check, run_data_encode, run_eval, run_train)
+    data = command(sub, "data", "dataset tools: `mmfuse data check --help`, `mmfuse data encode --help`",
+                   "data check")
     data = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
     for group, name, key, text, add, run in (
             (sub, "train", "train", "stage 1 (projectors) or stage 2 (LoRA / full) training", add_train_args,
@@ -389,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
             (sub, "eval", "eval", "greedy exact match (and eval loss) on a dataset, one JSON line", add_eval_args,
              run_eval),
             (data, "check", "data check", "validate a dataset against a checkpoint", add_data_check_args,
-             run_data_check)):
+             run_data_check),
+            (data, "encode", "data encode", "precompute encoder vectors for a dataset's raw media (resumable)",
+             add_data_encode_args, run_data_encode)):
         s = command(group, name, text, key)
         add(s)
         s.set_defaults(func=run)

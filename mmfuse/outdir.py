@@ -1,4 +1,5 @@
-"""Output directories of ``mmfuse init``, ``mmfuse train`` and ``mmfuse tiny-base``: never clobber silently.
+"""Output directories of ``mmfuse init``, ``mmfuse train``, ``mmfuse tiny-base`` and ``mmfuse data encode``:
+never clobber silently.
 
 - OUT missing or empty: used as it is.
 - OUT not empty, no ``--overwrite`` (``overwrite=True``): refused before anything is
@@ -9,12 +10,14 @@
   earlier checkpoint or run survives next to the new one (no stale metrics, no old
   training state that a later ``--resume`` would pick up). Anything mmfuse never
   writes (``notes.md``, a ``data/`` folder, dotfiles...) makes even ``--overwrite``
-  refuse: mmfuse deletes only what it could have written.
+  refuse: mmfuse deletes only what it could have written. (``mmfuse data encode`` passes its own
+  ``owned`` rule: its shards and manifest.)
 """
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError
@@ -40,12 +43,13 @@ def _ours(entry: Path) -> bool:
 
 
 def claim_output_dir(out: str | os.PathLike, overwrite: bool = False, *, error: type[Exception] = ConfigError,
-                     label: str = "", hint: str = "") -> list[Path]:
+                     label: str = "", hint: str = "", owned: Callable[[Path], bool] = _ours) -> list[Path]:
     """Check that ``out`` may be written; returns the entries to remove first (``clear_entries``).
 
     Raises ``error`` (message: ``{label}output directory OUT is not empty (...){hint}; pass --overwrite ...``)
     when ``out`` is a non-empty directory and ``overwrite`` is false, or when it holds entries that mmfuse
-    does not write. Reads the directory listing only; nothing is changed.
+    does not write (``owned(entry)`` false; default: a checkpoint's or training run's files). Reads the
+    directory listing only; nothing is changed.
     """
     out = Path(out)
     if not out.exists() and not out.is_symlink():
@@ -58,7 +62,7 @@ def claim_output_dir(out: str | os.PathLike, overwrite: bool = False, *, error: 
     if not overwrite:
         raise error(f"{label}output directory {out} is not empty ({_listing(entries)}){hint}; pass {FLAG} "
                     f"(overwrite=True in Python) to replace its contents, or choose another directory")
-    foreign = [e for e in entries if not _ours(e)]
+    foreign = [e for e in entries if not owned(e)]
     if foreign:
         raise error(f"{label}output directory {out} holds entries mmfuse does not write ({_listing(foreign)}); "
                     f"{FLAG} only replaces mmfuse's own files: move those away or choose another directory")

@@ -3,15 +3,17 @@
 Public API (stable; the CLI and the demo build on exactly these names)::
 
     from mmfuse.training import (TrainConfig, train, TrainResult, EvalConfig, evaluate,
-                                 check_dataset, write_parquet, DataError)
+                                 check_dataset, write_parquet, DataError, encode_dataset)
 
-    # data: parquet with columns prompt (str), response (str), mm_NAME (list<list<list<float>>>)
+    # data: parquet with columns prompt (str), response (str), mm_NAME (list<list<list<float>>>, or raw
+    # media for a modality with an encoder: image bytes, waveforms, strings)
     write_parquet([{"prompt": "Describe <|m1|>.", "response": "red",
                     "items": {"m1": [np.zeros((1, 32))]}}], "train.parquet")
     errors = check_dataset("ckpt", "train.parquet", max_errors=10)   # [] when every row is fine
     result = train(TrainConfig(ckpt="ckpt", data="train.parquet", out="out", stage=1, max_steps=100))
     result.out                                    # a checkpoint dir both backends load directly
     evaluate("out", "heldout.parquet", EvalConfig(backend="hf"))   # {"n":..,"exact_match":..,"eval_loss":..}
+    encode_dataset("ckpt", "raw.parquet", "encoded")   # raw media -> encoder vectors once (resumable shards)
 
 - ``train(config, on_step=None) -> TrainResult``: runs on every process of an
   ``accelerate launch`` / ``torchrun`` job (gloo on CPU, nccl on GPU), or alone.
@@ -25,7 +27,7 @@ Public API (stable; the CLI and the demo build on exactly these names)::
 
 CLI glue for the ``mmfuse`` command lives in ``mmfuse.training.cli``:
 ``add_train_args/run_train``, ``add_data_check_args/run_data_check``,
-``add_eval_args/run_eval`` (each ``run_*`` returns an exit code).
+``add_data_encode_args/run_data_encode``, ``add_eval_args/run_eval`` (each ``run_*`` returns an exit code).
 
 Importing this package imports neither torch nor transformers; the names load lazily.
 """
@@ -34,10 +36,10 @@ from __future__ import annotations
 from .config import EvalConfig, TrainConfig, TrainConfigError
 
 __all__ = ["TrainConfig", "TrainConfigError", "EvalConfig", "train", "TrainResult", "evaluate", "check_dataset",
-           "write_parquet", "DataError"]
+           "write_parquet", "DataError", "encode_dataset", "EncodeResult"]
 
 _LAZY = {"train": "trainer", "TrainResult": "trainer", "evaluate": "evaluation", "check_dataset": "data",
-         "write_parquet": "data", "DataError": "data"}
+         "write_parquet": "data", "DataError": "data", "encode_dataset": "precompute", "EncodeResult": "precompute"}
 
 
 def __getattr__(name):

@@ -1,4 +1,4 @@
-"""argparse glue for ``mmfuse train``, ``mmfuse data check`` and ``mmfuse eval``.
+"""argparse glue for ``mmfuse train``, ``mmfuse data check``, ``mmfuse data encode`` and ``mmfuse eval``.
 
 Each ``add_*_args(parser)`` fills a subcommand's parser; each ``run_*(args)``
 builds the typed config, runs the library function and returns an exit code
@@ -133,6 +133,31 @@ def run_data_check(args: argparse.Namespace) -> int:
     return status.code
 
 
+def add_data_encode_args(p: argparse.ArgumentParser) -> None:
+    _formatted(p, "data encode")
+    p.add_argument("ckpt", help="mmfuse checkpoint whose encoders make the vectors")
+    p.add_argument("data", help="parquet file or directory of *.parquet with raw media in mm_NAME")
+    p.add_argument("out", help="output directory of parquet shards: missing or empty, or this same job's "
+                               "(then its complete shards are kept and the rest encoded)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows whose raw items go through an encoder at once")
+    p.add_argument("--rows-per-shard", type=int, default=1000,
+                   help="rows per output file (the unit of resuming)")
+    p.add_argument("--device", default=None, help="where the encoders run (default: cuda when available, else cpu)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty OUT: the shards and manifest there are removed first "
+                        "(default: refuse, unless OUT holds this same job)")
+
+
+def run_data_encode(args: argparse.Namespace) -> int:
+    with _handled("data encode") as status:
+        from .precompute import encode_dataset
+        result = encode_dataset(args.ckpt, args.data, args.out, batch_size=args.batch_size,
+                                rows_per_shard=args.rows_per_shard, overwrite=args.overwrite, device=args.device)
+        kept = f", {result.skipped} kept from an earlier run" if result.skipped else ""
+        print(f"wrote {result.out} ({result.rows} rows in {result.shards} shard(s): {result.written} encoded{kept})")
+    return status.code
+
+
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     _formatted(p, "eval")
     p.add_argument("ckpt", help="mmfuse checkpoint directory or hub id")
@@ -160,5 +185,5 @@ def run_eval(args: argparse.Namespace) -> int:
     return status.code
 
 
-__all__ = ["add_train_args", "run_train", "add_data_check_args", "run_data_check", "add_eval_args", "run_eval",
-           "train_config_from_args", "TrainConfigError"]
+__all__ = ["add_train_args", "run_train", "add_data_check_args", "run_data_check", "add_data_encode_args",
+           "run_data_encode", "add_eval_args", "run_eval", "train_config_from_args", "TrainConfigError"]

@@ -53,6 +53,17 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
 
+def _stored_media(value: object) -> object:
+    """Items as ``datasets`` stores its Image / Audio features (``{"bytes": ..., "path": ...}``, read
+    undecoded by ``open_dataset``) -> the bytes, or the path when there are none; a list item by item
+    (a column of one such item per row also works); anything else unchanged."""
+    if isinstance(value, list):
+        return [_stored_media(v) if isinstance(v, Mapping) else v for v in value]
+    if isinstance(value, Mapping) and set(value) == {"bytes", "path"}:
+        return value["bytes"] if value["bytes"] is not None else value["path"]
+    return value
+
+
 class RowEncoder:
     """Encodes rows for one checkpoint: its tokenizer, modalities, placeholder ids and length limit."""
 
@@ -101,7 +112,7 @@ class RowEncoder:
             if not isinstance(value, str):
                 raise InputError(f"column {key!r}: expected a string, got {type(value).__name__}")
         # a missing column, null or [] all mean "no items"; modalities keep the checkpoint's order
-        embeddings = {n: row[MM_PREFIX + n] for n in self.specs
+        embeddings = {n: _stored_media(row[MM_PREFIX + n]) for n in self.specs
                       if row.get(MM_PREFIX + n) is not None and len(row[MM_PREFIX + n]) > 0}
         encoded = self.checkpoint.encode(prepare(prompt, embeddings, self.specs))
         prompt_ids = encoded.expanded_ids

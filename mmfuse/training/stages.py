@@ -5,6 +5,9 @@
 - stage 2: projectors + LoRA adapters on every linear layer of the LM's blocks
   (peft ``all-linear``: attention and MLP, never the output head), merged into
   the LM weights at export; or, with ``full``, every LM weight.
+- encoders (a modality's frozen ``encoder``) are never trained: they run outside the model's parameters
+  (``mmfuse.encoders.get_tower``), so the optimiser and the saved state never see them, and the export
+  carries the input's ``encoders/`` over unchanged (hard links).
 
 The exported directory is a plain mmfuse checkpoint: both backends open it with
 no adapter support. Training state lives in ``OUT/train_state/``, a sub-directory,
@@ -24,6 +27,7 @@ from ..checkpoint import INDEX_FILE, PROJECTOR_FILE, PROJECTOR_PREFIX, read_conf
 from .config import TrainConfig, TrainConfigError
 
 STATE_DIR = "train_state"
+ENCODERS_DIR = "encoders"  # a checkpoint's local encoders (mmfuse init copies them to encoders/NAME)
 REPORT_FILES = ("metrics.json", "loss_curve.png")  # written by a run into OUT; never carried over
 
 
@@ -73,6 +77,7 @@ def export_checkpoint(model, peft_model, config: TrainConfig, ckpt: Path, out: P
     """Write the trained model to ``out`` as a checkpoint both backends load directly."""
     out.mkdir(parents=True, exist_ok=True)
     _clear_weights(out)
+    _carry_encoders(ckpt, out)
     if config.trainable == "projectors":
         _export_projectors_only(model, ckpt, out)
         return out
@@ -83,6 +88,20 @@ def export_checkpoint(model, peft_model, config: TrainConfig, ckpt: Path, out: P
         model.lm.to(source_dtype)  # export in the checkpoint's own precision (fp32 training master copy)
     model.save(out, lm_weights=True)
     return out
+
+
+def _carry_encoders(ckpt: Path, out: Path) -> None:
+    """The input checkpoint's ``encoders/`` (local encoders ``mmfuse init`` placed there; the config names them
+    ``encoders/NAME``) into ``out``: files hard-linked (nothing ever writes to them), symlinks kept as links.
+    Encoders are frozen and never trained, so the output holds them exactly as the input did."""
+    src, dst = ckpt / ENCODERS_DIR, out / ENCODERS_DIR
+    if not src.is_dir():
+        return
+    if dst.is_symlink() or dst.is_file():
+        dst.unlink()
+    elif dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, symlinks=True, copy_function=lambda a, b: _link_or_copy(Path(a), Path(b)))
 
 
 def _export_projectors_only(model, ckpt: Path, out: Path) -> None:
