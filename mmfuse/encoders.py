@@ -257,7 +257,7 @@ def preprocess(spec: ModalitySpec, index: int, value: object, limits: "MediaLimi
     where = f"modality {spec.name!r} item {index}"
     try:
         return get_preprocessor(spec.encoder)(where, value, limits)
-    except InputError:
+    except (InputError, ConfigError):  # ConfigError: the encoder itself is missing, not this item's fault
         raise
     except (ValueError, TypeError) as e:  # the HF preprocessor refused the decoded media
         raise InputError(f"{where}: the {spec.encoder.kind} preprocessor could not read this item: {e}") from None
