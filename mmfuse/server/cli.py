@@ -70,7 +70,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--gpu-memory-utilization", type=float, default=None,
                      help="vLLM backend fraction of device memory (of RAM on CPU); instead of --kv-cache-gb")
     eng.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
-                     help="vLLM backend tensor-parallel ranks")
+                     help="vLLM backend tensor-parallel ranks (each layer sharded across them)")
+    eng.add_argument("--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size,
+                     help="vLLM backend pipeline-parallel ranks (consecutive layers on each)")
+    eng.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
+                     help="vLLM backend: how ranks start; ray for a Ray cluster across nodes (default: vLLM's, "
+                          "processes on this node)")
     eng.add_argument("--graceful-shutdown", dest="graceful_shutdown_s", type=float, default=d.graceful_shutdown_s,
                      help="seconds in-flight requests get after SIGTERM")
 

@@ -53,7 +53,9 @@ class ServerSettings:
     max_model_len: int | None = None  # vLLM backend; None = the model's own
     kv_cache_gb: float | None = None  # vLLM backend; None = from free memory on CPU, vLLM's default on GPU
     gpu_memory_utilization: float | None = None  # vLLM backend: fraction of device memory (RAM on CPU)
-    tensor_parallel_size: int = 1  # vLLM backend
+    tensor_parallel_size: int = 1  # vLLM backend: ranks sharding each layer
+    pipeline_parallel_size: int = 1  # vLLM backend: ranks holding consecutive layers
+    distributed_executor_backend: str | None = None  # vLLM backend: "ray" for ranks across nodes; None = vLLM's
     graceful_shutdown_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
 
     def __post_init__(self) -> None:

@@ -12,6 +12,12 @@ built inside as ``language_model``. Weights map as
 vLLM computes ``embed_multimodal`` per batch of items of one modality, caches the
 rows by item hash, and scatters them over the placeholder positions
 (``SupportsMultiModal.embed_input_ids``) before running the unchanged LM.
+
+Parallelism is the base model's: under tensor parallelism vLLM shards ``language_model``
+and every rank holds the (small) projectors and encoders whole; under pipeline
+parallelism (``SupportsPP``) the embeddings and projected rows are made on the first
+stage, which alone holds the embedding table, and the base's own layers are split
+across stages, ``forward`` passing ``intermediate_tensors`` through.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
 from vllm.model_executor.models.utils import (AutoWeightsLoader, WeightsMapper, init_vllm_registered_model,
                                               maybe_prefix)
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -36,7 +42,7 @@ from .processing import (MMFuseDummyInputsBuilder, MMFuseMultiModalProcessor, MM
 
 @MULTIMODAL_REGISTRY.register_processor(MMFuseMultiModalProcessor, info=MMFuseProcessingInfo,
                                         dummy_inputs=MMFuseDummyInputsBuilder)
-class MMFuseForCausalLM(nn.Module, SupportsMultiModal):
+class MMFuseForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
     """A supported causal LM (Qwen3/Qwen2/Llama/Mistral) with one projector per named modality."""
 
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.": "language_model.model.",

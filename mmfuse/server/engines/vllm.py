@@ -28,7 +28,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model: str | os.PathLike, options: EngineOptions, **engine_kwargs: Any):
-        apply_process_defaults(options.tensor_parallel_size)
+        apply_process_defaults(options.world_size)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
