@@ -90,6 +90,31 @@ def make_base(out: str | os.PathLike, family: str = "qwen3", hidden: int = 128, 
     return out
 
 
+def make_lora_adapter(base: str | os.PathLike, out: str | os.PathLike, rank: int = 8, alpha: float = 32.0,
+                      std: float = 0.5, seed: int = 0) -> Path:
+    """Write a peft LoRA adapter for ``base`` (a base LM or an mmfuse checkpoint) with random weights.
+
+    Made by peft itself (``all-linear``: attention and MLP of every block, not the head) and then
+    given large random ``A`` and ``B`` (normal, ``std``), so the adapted model's greedy output
+    differs from the base's: what the tests of adapter serving need.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(lm, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std / p.shape[-1] ** 0.5)
+    out = Path(out)
+    model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+    return out
+
+
 # -- tiny encoders: real architectures, random weights, each with its own HF preprocessor ------------------
 
 def make_vision_encoder(out: str | os.PathLike, kind: str = "clip", image_size: int = 32, patch: int = 8,

@@ -24,6 +24,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..inputs import EncodedPrompt
 from ..logs import status, verbose
+from ..lora import open_adapters, vllm_lora_args, vllm_lora_requests
 from ..sampling import Completion, SamplingConfig, truncate_at_stop
 from . import CheckpointBackend
 from .vllm_defaults import EngineOptions, apply_process_defaults, check_can_spawn, offline_engine_core
@@ -94,8 +95,8 @@ class VLLMBackend(CheckpointBackend):
 
     Options: ``dtype`` (float32 by default: exact parity with the HF backend), ``max_model_len``,
     ``kv_cache_gb`` or ``gpu_memory_utilization``, ``tensor_parallel_size``, ``pipeline_parallel_size``,
-    ``distributed_executor_backend`` (``"ray"`` across nodes); any other keyword goes to ``vllm.LLM`` as
-    is (e.g. ``max_num_seqs``).
+    ``distributed_executor_backend`` (``"ray"`` across nodes), ``lora`` (LoRA adapters a prompt may
+    name, ``mmfuse.lora.open_adapters``); any other keyword goes to ``vllm.LLM`` as is (e.g. ``max_num_seqs``).
     """
 
     name = "vllm"
@@ -103,7 +104,8 @@ class VLLMBackend(CheckpointBackend):
     def __init__(self, model_path: str | os.PathLike, dtype: str = "float32", max_model_len: int | None = None,
                  kv_cache_gb: float | None = None, gpu_memory_utilization: float | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 distributed_executor_backend: str | None = None, device: str | None = None, **engine_kwargs: Any):
+                 distributed_executor_backend: str | None = None, device: str | None = None, lora=None,
+                 **engine_kwargs: Any):
         options = EngineOptions(dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 tensor_parallel_size=tensor_parallel_size,
@@ -117,7 +119,10 @@ class VLLMBackend(CheckpointBackend):
         if device is not None and str(device).split(":")[0] != current_platform.device_type:
             raise ValueError(f"device: this vLLM build runs on {current_platform.device_type!r}, got {device!r}")
         self.checkpoint = open_checkpoint(model_path)  # the HF backend's tokenizer: same ids
-        args = engine_args(self.checkpoint, options, **engine_kwargs)
+        self.adapters = open_adapters(lora)
+        self.lora_requests = vllm_lora_requests(self.adapters)
+        args = engine_args(self.checkpoint, options, **vllm_lora_args(self.adapters, current_platform.is_cpu()),
+                           **engine_kwargs)
         started = time.perf_counter()
         with offline_engine_core(options.world_size) as core:
             self.llm = LLM(**args)
@@ -132,7 +137,9 @@ class VLLMBackend(CheckpointBackend):
 
     def generate_outputs(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list:
         """vLLM's own ``RequestOutput`` per prompt (with e.g. ``num_cached_tokens``)."""
-        return self.llm.generate([to_request(p) for p in prompts], to_sampling_params(sampling), use_tqdm=False)
+        lora = [self.lora_requests[p.lora] if p.lora else None for p in prompts] if self.adapters else None
+        return self.llm.generate([to_request(p) for p in prompts], to_sampling_params(sampling), use_tqdm=False,
+                                 lora_request=lora)
 
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
         """``n`` completions per prompt, in prompt order."""
