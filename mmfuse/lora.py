@@ -41,7 +41,8 @@ class LoraAdapter:
 def open_adapters(lora: str | os.PathLike | Mapping[str, str | os.PathLike] | Sequence[str] | None,
                   field: str = "lora") -> dict[str, LoraAdapter]:
     """Adapters by name from ``lora``: a directory (named after it), ``{name: directory}``, or
-    ``["NAME=DIR", ...]`` (the command line's form). ConfigError naming ``field`` for a bad one."""
+    ``["NAME=DIR", ...]`` (the command line's form); ``open_adapters``' own result passes through.
+    ConfigError naming ``field`` for a bad one."""
     if lora is None:
         return {}
     if isinstance(lora, (str, os.PathLike)):
@@ -60,6 +61,9 @@ def open_adapters(lora: str | os.PathLike | Mapping[str, str | os.PathLike] | Se
                           f"{type(lora).__name__}")
     adapters: dict[str, LoraAdapter] = {}
     for name, path in pairs:
+        if isinstance(path, LoraAdapter) and path.name == name:  # already checked
+            adapters[name] = path
+            continue
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"{field}: adapter name {name!r}: expected letters, digits and ._:/- (not first)")
         if name in adapters:

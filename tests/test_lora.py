@@ -165,3 +165,75 @@ def test_an_adapter_for_another_base_is_refused(tmp_path, qwen3_ckpt):
     other = make_lora_adapter(wider, tmp_path / "wider_adapter", rank=4)
     with pytest.raises(ConfigError, match="lora: an adapter does not fit"):
         HFBackend(qwen3_ckpt, lora={"wider": other})
+
+
+# -- mmfuse serve --lora NAME=PATH: the request's `model` picks the adapter -----------------------------------
+
+SERVER_BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
+
+
+@pytest.fixture(scope="module", params=SERVER_BACKENDS)
+def lora_server(request, qwen3_ckpt, adapters, tmp_path_factory):
+    from mmfuse.bench.serve_load import start_server
+    if request.param == "vllm":
+        pytest.importorskip("vllm")
+    lora = [a for name, path in adapters.items() for a in ("--lora", f"{name}={path}")]
+    srv = start_server(qwen3_ckpt, "--backend", request.param, "--served-model-name", "tiny", "--max-model-len",
+                       "1024", "--torch-threads", "1", *lora, log=tmp_path_factory.mktemp("srv") / "server.log",
+                       api_key="k")
+    yield srv
+    assert srv.stop(120) == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.mark.server
+def test_server_routes_by_model_and_lists_adapters(lora_server, merged, hf_lora):
+    import httpx
+    import numpy as np
+
+    from mmfuse.client import encode_embedding
+
+    auth = {"Authorization": "Bearer k"}
+    cards = httpx.get(f"{lora_server.url}/v1/models", headers=auth).json()["data"]
+    assert [(c["id"], c["parent"]) for c in cards] == [("tiny", None), ("a1", "tiny"), ("a2", "tiny")]
+    assert all(c["root"] == "tiny" and [m["name"] for m in c["modalities"]] == ["m1", "m2"] for c in cards)
+
+    vec = np.linspace(-1, 1, 32, dtype=np.float32)
+    text = "hello <|m1|> world"
+
+    def expected(backend, lora=None):
+        encoded = backend.encode(prepare(text, {"m1": [vec]}, backend.specs), lora)
+        return backend.generate([encoded], SamplingConfig(max_tokens=8))[0][0].text
+
+    def ask(model, stream=False):
+        body = {"model": model, "prompt": text, "max_tokens": 8, "temperature": 0, "stream": stream,
+                "multimodal_embeddings": {"m1": [encode_embedding(vec)]}}
+        r = httpx.post(f"{lora_server.url}/v1/completions", json=body, headers=auth, timeout=120)
+        if stream:
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+            return r.status_code, "".join(c["choices"][0]["text"] for c in chunks if c["choices"]), chunks[0]["model"]
+        return r.status_code, r.json()
+
+    for model, ref in (("a1", expected(merged["a1"])), ("a2", expected(merged["a2"])), ("tiny", expected(hf_lora))):
+        status, body = ask(model)
+        assert status == 200 and body["model"] == model and body["choices"][0]["text"] == ref, (model, body)
+        assert ask(model, stream=True) == (200, ref, model)
+    assert expected(merged["a1"]) != expected(hf_lora)  # the adapter changes the answer
+    status, body = ask("a3")
+    assert status == 404 and body["error"]["param"] == "model" and "'a3' is not served here" in body["error"]["message"]
+
+
+def test_serve_lora_flags_are_checked(adapters):
+    import argparse
+
+    from mmfuse.server.cli import add_serve_args, settings_from_args
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    settings = settings_from_args(parser.parse_args(["ckpt", "--lora", f"a1={adapters['a1']}",
+                                                     "--lora", f"a2={adapters['a2']}"]))
+    assert list(settings.adapters) == ["a1", "a2"]
+    with pytest.raises(ConfigError, match="lora: expected NAME=PATH"):
+        settings_from_args(parser.parse_args(["ckpt", "--lora", str(adapters["a1"])]))
+    with pytest.raises(ConfigError, match="the served model's own name"):
+        settings_from_args(parser.parse_args(["ckpt", "--served-model-name", "a1", "--lora",
+                                              f"a1={adapters['a1']}"]))

@@ -27,6 +27,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MMFUSE_API_KEY; unset = open)")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS)
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: CKPT as given)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="a LoRA adapter (peft directory) over the checkpoint's LM, repeatable: a request whose "
+                        "`model` is NAME runs with it; listed in /v1/models (default: none)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this")
     lim.add_argument("--max-items-per-modality", type=int, default=None,
@@ -81,8 +84,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    names = {f.name for f in dataclasses.fields(ServerSettings)}
-    return ServerSettings(**{k: v for k, v in vars(args).items() if k in names})
+    names = {f.name for f in dataclasses.fields(ServerSettings) if f.init}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["lora"] = tuple(values.get("lora") or ())
+    return ServerSettings(**values)
 
 
 def run_serve(args: argparse.Namespace) -> int:

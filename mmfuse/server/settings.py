@@ -17,6 +17,9 @@ class ServerSettings:
 
     model: str  # checkpoint directory or hub id
     served_model_name: str | None = None  # the id clients send as `model`; None = `model` as given
+    # LoRA adapters over the checkpoint's LM, "NAME=PATH" each: a request whose `model` is NAME runs with it
+    lora: tuple[str, ...] = ()
+    adapters: dict = field(init=False, repr=False)  # NAME -> mmfuse.lora.LoraAdapter, checked once
     backend: str = "auto"  # auto: vLLM when importable, else transformers
     host: str = "127.0.0.1"  # loopback by default: exposing a server is an explicit choice
     port: int = 8000
@@ -89,3 +92,7 @@ class ServerSettings:
                                         max_audio_seconds=self.max_audio_seconds)
         if self.served_model_name is None:
             self.served_model_name = str(self.model)
+        from ..lora import open_adapters
+        self.adapters = open_adapters(list(self.lora), field="lora")
+        if self.served_model_name in self.adapters:
+            raise ConfigError(f"lora: adapter name {self.served_model_name!r} is the served model's own name")

@@ -85,11 +85,12 @@ def make_engine(settings: ServerSettings, on_batch=None):
     """
     if select_backend(settings.backend) == "vllm":
         from .vllm import VLLMEngine
-        return VLLMEngine(settings.model, engine_options(settings), max_num_seqs=settings.max_batch_size)
+        return VLLMEngine(settings.model, engine_options(settings), adapters=settings.adapters,
+                          max_num_seqs=settings.max_batch_size)
     from ...backends.hf import HFBackend
     from .hf import HFEngine
     if settings.torch_threads is not None:
         import torch
         torch.set_num_threads(settings.torch_threads)
-    return HFEngine(HFBackend(settings.model, device=settings.device, dtype=settings.dtype),
+    return HFEngine(HFBackend(settings.model, device=settings.device, dtype=settings.dtype, lora=settings.adapters),
                     max_batch_size=settings.max_batch_size, on_batch=on_batch)
