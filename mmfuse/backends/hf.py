@@ -166,6 +166,16 @@ def _load_projectors(model: MMFuseModel, path) -> None:
     model.mm_projectors.load_state_dict(state)
 
 
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage once (tied weights are one tensor)."""
+    seen, total = set(), 0
+    for t in module.state_dict(keep_vars=True).values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 class RequestsFailed(InputError):
     """Some prompts of a batch could not run (their own input made the model's numbers non-finite);
     ``results[i]`` holds the others' completions, ``failed[i]`` the reason for each failed prompt i."""
@@ -296,6 +306,11 @@ class HFBackend(CheckpointBackend):
 
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
         return generate(self.model, prompts, sampling)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as loaded (LM, projectors, adapters): a quantized base's weights count at their
+        stored width (transformers keeps compressed-tensors weights packed and unpacks them per call)."""
+        return weight_bytes(self.model)
 
     def close(self) -> None:
         """Nothing to stop: the model is freed with this object."""
