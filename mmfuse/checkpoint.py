@@ -71,6 +71,19 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(p for p in path.glob("*.safetensors"))
 
 
+def stored_weight_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the tensors in a checkpoint's weight files (from their headers): what a backend loads. A
+    quantized base counts at its stored width (int8, packed int4, plus scales)."""
+    import struct
+
+    total = 0
+    for f in weight_files(resolve(path)):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        total += sum(end - start for k, v in header.items() if k != "__metadata__" for start, end in [v["data_offsets"]])
+    return total
+
+
 def write_index(path: Path) -> None:
     """Rebuild the weight map from the safetensors files present (reads headers only)."""
     weight_map: dict[str, str] = {}
@@ -231,7 +244,9 @@ def init_checkpoint(base: str | os.PathLike, out: str | os.PathLike, modalities:
     ``modalities`` is a list of ``ModalitySpec`` or ``{name: {input_dim: ..., ...}}``. A modality with an
     ``encoder`` may leave ``input_dim`` out (the encoder's output size); a local encoder directory is
     copied to ``encoders/NAME`` (symlinked with ``link``), a hub id stays a reference.
-    ``link=True`` symlinks the base weight files instead of copying them.
+    ``link=True`` symlinks the base weight files instead of copying them. A quantized base (its
+    ``quantization_config``, e.g. compressed-tensors, AWQ, GPTQ) keeps its weight files and config as
+    they are; the projectors are written in float32.
     ``out`` must be missing or empty (``ConfigError`` naming it, nothing touched); ``overwrite=True``
     first removes what an earlier checkpoint or training run wrote there (``mmfuse.outdir``).
     """
@@ -254,14 +269,20 @@ def init_checkpoint(base: str | os.PathLike, out: str | os.PathLike, modalities:
     hidden = config.get("text_config", config)["hidden_size"]
     mm = MMFuseConfig(modalities=_resolve_specs(modalities, hidden))
 
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_tokens([AddedToken(s.placeholder, special=True, normalized=False) for s in mm.modalities.values()],
+                   special_tokens=True)
+    if len(tok) > config["vocab_size"] and "quantization_config" in config:  # before anything is written
+        # growing the embedding matrix means re-saving the base, which needs the quantizer that made it
+        raise ConfigError(f"quantization_config: {src} is quantized and has no spare embedding rows for "
+                          f"{len(tok) - config['vocab_size']} placeholder token(s); use a base whose vocab_size "
+                          f"exceeds its tokenizer, or quantize after `mmfuse init`")
+
     clear_entries(stale)
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.suffix in _CARRIED and f.name not in ("config.json", INDEX_FILE):
             shutil.copy2(f, dst / f.name)
-    tok = AutoTokenizer.from_pretrained(src)
-    tok.add_tokens([AddedToken(s.placeholder, special=True, normalized=False) for s in mm.modalities.values()],
-                   special_tokens=True)
     tok.save_pretrained(dst)
     if len(tok) > config["vocab_size"]:
         # No spare embedding rows: grow the matrix once (placeholder rows are never read).

@@ -286,7 +286,8 @@ def read_embedding_files(specs: list[str]) -> dict[str, list]:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-VLLM_OPTIONS = ("max_model_len", "kv_cache_gb", "gpu_memory_utilization", "tensor_parallel_size")
+VLLM_OPTIONS = ("max_model_len", "kv_cache_gb", "gpu_memory_utilization", "tensor_parallel_size",
+                "pipeline_parallel_size", "distributed_executor_backend")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fraction of device memory (of RAM on CPU) for vLLM, instead of --kv-cache-gb "
                           "(default: unset)")
     eng.add_argument("--tensor-parallel-size", type=int, default=None, help="tensor-parallel ranks (default: 1)")
+    eng.add_argument("--pipeline-parallel-size", type=int, default=None, help="pipeline-parallel ranks (default: 1)")
+    eng.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
+                     help="how ranks start: ray for a Ray cluster across nodes (default: vLLM's, processes here)")
     s.set_defaults(func=_generate)
 
     from . import tiny

@@ -316,6 +316,7 @@ class EncodedPrompt:
     token_ids: list[int]
     expanded_ids: list[int]
     items: dict[str, list[Item]]
+    lora: str | None = None  # the LoRA adapter that runs it (mmfuse.lora); None = the checkpoint's own LM
 
     @property
     def num_tokens(self) -> int:

@@ -6,7 +6,7 @@ never clobber silently.
   read or written, with an error naming OUT and the flag; OUT stays byte-identical.
 - OUT not empty, with ``--overwrite``: every entry mmfuse itself writes there is removed
   first (weights, ``config.json`` and the other JSON files, tokenizer files,
-  ``metrics.json``, ``loss_curve.png``, ``train_state/``, ``encoders/``), so nothing of an
+  ``metrics.json``, ``loss_curve.png``, ``train_state/``, ``encoders/``, ``adapter/``), so nothing of an
   earlier checkpoint or run survives next to the new one (no stale metrics, no old
   training state that a later ``--resume`` would pick up). Anything mmfuse never
   writes (``notes.md``, a ``data/`` folder, dotfiles...) makes even ``--overwrite``
@@ -25,7 +25,7 @@ from .config import ConfigError
 # what a checkpoint or training run may hold in its root: init copies the base's *.json, *.txt, *.model,
 # *.jinja, *.tiktoken files and writes *.safetensors; training adds the report and its state directory
 OWN_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken")
-OWN_NAMES = ("loss_curve.png", "train_state", "encoders")
+OWN_NAMES = ("loss_curve.png", "train_state", "encoders", "adapter")  # adapter/: stage 2 --save-adapter
 FLAG = "--overwrite"
 
 

@@ -20,9 +20,13 @@ class MultimodalPipeline:
     ...                "multimodal_data": {"multimodal_embeddings": {"m1": [vec]}}}, max_tokens=32)
 
     ``backend``: ``"hf"`` (transformers), ``"vllm"``, or ``"auto"`` (vLLM when importable).
-    Backend options are passed through: ``device``, ``dtype`` (both); for vLLM ``max_model_len``,
-    ``kv_cache_gb`` / ``gpu_memory_utilization``, ``tensor_parallel_size`` and any other
-    ``vllm.LLM`` argument.
+    Backend options are passed through: ``device``, ``dtype``, ``lora`` (both); for vLLM
+    ``max_model_len``, ``kv_cache_gb`` / ``gpu_memory_utilization``, ``tensor_parallel_size``,
+    ``pipeline_parallel_size`` and any other ``vllm.LLM`` argument.
+
+    ``lora``: LoRA adapters over the checkpoint's LM, ``{name: adapter directory}`` (or one directory,
+    named after it). A request runs with the adapter its ``"lora"`` field names, else the one given to
+    ``generate(..., lora=NAME)``, else none; requests with different adapters share one batch.
     """
 
     def __init__(self, model: str | os.PathLike, backend: str = "auto", **options: Any):
@@ -49,14 +53,22 @@ class MultimodalPipeline:
             raise InputError("input: expected a 'text' or a 'messages' field")
         return prepare(text, embeddings, self.specs)
 
-    def encode(self, request: Mapping) -> EncodedPrompt:
-        """Validate and tokenize one request dict: what the backend runs."""
-        return self.backend.encode(self.prepare(request))
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters a request may pick."""
+        return list(self.backend.adapters)
 
-    def generate_completions(self, inputs: Mapping | Sequence[Mapping], sampling: SamplingConfig) -> list[list[Completion]]:
+    def encode(self, request: Mapping, lora: str | None = None) -> EncodedPrompt:
+        """Validate and tokenize one request dict: what the backend runs (with its adapter: the request's
+        ``"lora"`` field, else ``lora``)."""
+        prepared = self.prepare(request)
+        return self.backend.encode(prepared, request.get("lora", lora))
+
+    def generate_completions(self, inputs: Mapping | Sequence[Mapping], sampling: SamplingConfig,
+                             lora: str | None = None) -> list[list[Completion]]:
         """Full records (text, token ids, finish reason, logprobs) for each input, ``n`` each."""
         batch = [inputs] if isinstance(inputs, Mapping) else list(inputs)
-        encoded = [self.encode(r) for r in batch]
+        encoded = [self.encode(r, lora) for r in batch]
         for e in encoded:  # max_tokens must fit after each prompt
             check_room(sampling, e.num_tokens, self.backend.max_model_len)
         results = self.backend.generate(encoded, engine_sampling(sampling))
@@ -65,15 +77,18 @@ class MultimodalPipeline:
 
     def generate(self, inputs: Mapping | Sequence[Mapping], max_tokens: int | None = None, *,
                  max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: str | list[str] | None = None, n: int = 1) -> Any:
-        """Generate text. One dict in -> a str (a list of n str when n > 1); a list in -> a list of those."""
+                 seed: int | None = None, stop: str | list[str] | None = None, n: int = 1,
+                 lora: str | None = None) -> Any:
+        """Generate text. One dict in -> a str (a list of n str when n > 1); a list in -> a list of those.
+
+        ``lora``: the adapter for inputs that name none themselves (their ``"lora"`` field)."""
         if max_tokens is not None and max_new_tokens is not None and max_tokens != max_new_tokens:
             raise InputError("max_tokens: give max_tokens or max_new_tokens, not both", "max_tokens")
         limit = max_tokens if max_tokens is not None else max_new_tokens
         # SamplingConfig checks every value (exact types and ranges) and raises InputError naming it
         sampling = SamplingConfig(max_tokens=64 if limit is None else limit, temperature=temperature, top_p=top_p,
                                   top_k=top_k, seed=seed, stop=stop, n=n)
-        results = self.generate_completions(inputs, sampling)
+        results = self.generate_completions(inputs, sampling, lora)
         texts = [[c.text for c in cs] if n > 1 else cs[0].text for cs in results]
         return texts[0] if isinstance(inputs, Mapping) else texts
 

@@ -90,6 +90,83 @@ def make_base(out: str | os.PathLike, family: str = "qwen3", hidden: int = 128, 
     return out
 
 
+def make_lora_adapter(base: str | os.PathLike, out: str | os.PathLike, rank: int = 8, alpha: float = 32.0,
+                      std: float = 0.5, seed: int = 0) -> Path:
+    """Write a peft LoRA adapter for ``base`` (a base LM or an mmfuse checkpoint) with random weights.
+
+    Made by peft itself (``all-linear``: attention and MLP of every block, not the head) and then
+    given large random ``A`` and ``B`` (normal, ``std``), so the adapted model's greedy output
+    differs from the base's: what the tests of adapter serving need.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(lm, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std / p.shape[-1] ** 0.5)
+    out = Path(out)
+    model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+    return out
+
+
+QUANT_SCHEMES = {"W8A8": "int-quantized", "W4A16": "pack-quantized"}  # compressed-tensors preset -> format
+
+
+def make_quantized_base(base: str | os.PathLike, out: str | os.PathLike, scheme: str = "W8A8",
+                        group_size: int | None = None) -> Path:
+    """Write ``base`` quantized with compressed-tensors (the vLLM project's quantization format library),
+    as vLLM and transformers load it: ``W8A8`` (int8 weights per output channel, int8 activations
+    per token at run time) or ``W4A16`` (int4 weights in groups of ``group_size``, default 128, packed).
+    Every ``Linear`` of the blocks is quantized, the head and embeddings stay as they are.
+
+    Round-to-nearest with min/max scales from the weights themselves (compressed-tensors'
+    ``calculate_qparams``): no calibration data, which a real model would want (llm-compressor).
+    """
+    import shutil
+
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
+                                                 preset_name_to_scheme)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    if scheme not in QUANT_SCHEMES:
+        raise ValueError(f"scheme: expected one of {sorted(QUANT_SCHEMES)}, got {scheme!r}")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    qscheme = preset_name_to_scheme(scheme, ["Linear"])
+    if group_size is not None:
+        qscheme.weights.group_size = group_size
+    config = QuantizationConfig(config_groups={"group_0": qscheme},
+                                ignore=["lm_head"], quantization_status=QuantizationStatus.INITIALIZED)
+    apply_quantization_config(model, config)  # adds weight_scale / weight_zero_point to each matched Linear
+    for module in model.modules():
+        args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+        if args is None:
+            continue
+        w = module.weight.data  # [out, in]
+        groups = w.reshape(w.shape[0], -1, args.group_size) if args.strategy == "group" else w.unsqueeze(1)
+        scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)  # per channel / per group
+        module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+        module.weight_zero_point.data = zero.to(module.weight_zero_point.dtype).reshape(module.weight_zero_point.shape)
+        module.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=QUANT_SCHEMES[scheme])
+    compressor.compress_model(model)  # int8 weights / packed int4, in place
+    out = Path(out)
+    model.save_pretrained(out)
+    compressor.update_config(out)  # config.json gets quantization_config
+    for f in Path(base).iterdir():  # the tokenizer, unchanged
+        if f.is_file() and f.name not in ("config.json",) and not f.name.endswith((".safetensors", ".index.json")):
+            shutil.copy2(f, out / f.name)
+    return out
+
+
 # -- tiny encoders: real architectures, random weights, each with its own HF preprocessor ------------------
 
 def make_vision_encoder(out: str | os.PathLike, kind: str = "clip", image_size: int = 32, patch: int = 8,

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmfuse import SamplingConfig
 from mmfuse.training import DataError, EvalConfig, TrainConfig, evaluate, train, write_parquet
 from mmfuse.training.config import TrainConfigError
 
@@ -354,3 +355,36 @@ def test_train_refuses_a_non_empty_out_unless_overwrite(qwen3_ckpt, mixed_data, 
     # --resume into the run dir is not refused: with the same settings it finds the run complete and re-exports
     assert _train_cli(common + ["--save-every", "1", "--resume"]) == 0
     assert [r["step"] for r in json.loads((out / "metrics.json").read_text())["history"]] == [1]
+
+
+def test_stage2_save_adapter_over_the_input_equals_the_merged_export(qwen3_ckpt, color_data, tmp_path):
+    """--save-adapter --freeze-projectors: OUT/adapter (peft, unmerged) served over the input checkpoint gives
+    the merged export's greedy tokens; the projectors are the input's, byte for byte."""
+    from mmfuse.backends.hf import HFBackend
+    from mmfuse.inputs import prepare
+
+    out = tmp_path / "ft"
+    assert _train_cli([str(qwen3_ckpt), str(color_data[0]), "--out", str(out), "--stage", "2", "--lora-r", "8",
+                       "--max-steps", "6", "--lr", "1e-2", "--batch-size", "4", "--schedule", "constant",
+                       "--no-shuffle", "--freeze-projectors", "--save-adapter"]) == 0
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json",
+                                                                   "adapter_model.safetensors"]
+    assert max_diff(projectors(out), projectors(qwen3_ckpt)) == 0
+    merged, served, bare = HFBackend(out), HFBackend(qwen3_ckpt, lora={"ft": out / "adapter"}), HFBackend(qwen3_ckpt)
+    greedy = SamplingConfig(max_tokens=6)
+    rows = color_rows(8, 2)
+    prompts = [prepare(r["prompt"], r["items"], merged.specs) for r in rows]
+    ref = [c[0].token_ids for c in merged.generate([merged.encode(p) for p in prompts], greedy)]
+    got = [c[0].token_ids for c in served.generate([served.encode(p, "ft") for p in prompts], greedy)]
+    before = [c[0].token_ids for c in bare.generate([bare.encode(p) for p in prompts], greedy)]
+    assert got == ref and ref != before
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(stage=2, save_adapter=True), "add --freeze-projectors"),
+    (dict(stage=2, full=True, freeze_projectors=True, save_adapter=True), "only stage 2 LoRA training"),
+    (dict(stage=1, freeze_projectors=True), "freeze_projectors: stage 2 only"),
+])
+def test_save_adapter_options_are_checked(qwen3_ckpt, mixed_data, tmp_path, kw, message):
+    with pytest.raises(TrainConfigError, match=message):
+        cfg(qwen3_ckpt, mixed_data, tmp_path / "o", **kw)

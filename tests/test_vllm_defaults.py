@@ -52,5 +52,25 @@ def test_tensor_parallel_from_an_unguarded_script_is_refused_with_the_fix(tmp_pa
         assert proc.returncode == 0, proc.stderr
     else:
         assert proc.returncode == 1
-        assert 'tensor_parallel_size=2 starts one vLLM process per rank' in proc.stderr
+        assert 'tensor_parallel_size x pipeline_parallel_size = 2 ranks start one vLLM process per rank' in proc.stderr
         assert 'if __name__ == "__main__":' in proc.stderr
+
+
+def test_each_engine_gets_a_binding_for_its_own_rank_count_unless_the_user_set_one(monkeypatch):
+    """A one-rank engine and then a two-rank one in the same process (as in the test session): the second
+    needs one CPU set per rank, not the first's binding."""
+    pytest.importorskip("vllm")
+    from mmfuse.backends import vllm_defaults
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs vLLM's CPU platform and two CPUs")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(vllm_defaults, "_our_binding", [])
+    vllm_defaults.apply_process_defaults(1)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == cpu_binding(1)
+    vllm_defaults.apply_process_defaults(2)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == cpu_binding(2) and "|" in cpu_binding(2)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the user's choice stays
+    vllm_defaults.apply_process_defaults(2)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"

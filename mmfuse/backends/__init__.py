@@ -19,6 +19,7 @@ from ..checkpoint import Checkpoint
 from ..config import ConfigError, ModalitySpec
 from ..inputs import EncodedPrompt, PreparedPrompt
 from ..logs import status
+from ..lora import LoraAdapter, check_request_lora
 from ..sampling import Completion, SamplingConfig
 from .vllm_defaults import EngineOptions
 
@@ -31,6 +32,7 @@ class Backend(Protocol):
     name: str
     checkpoint: Checkpoint
     max_model_len: int  # the model's context length (prompt + generated tokens)
+    adapters: dict[str, LoraAdapter]  # LoRA adapters a prompt may name (EncodedPrompt.lora)
 
     @property
     def specs(self) -> dict[str, ModalitySpec]: ...
@@ -38,7 +40,7 @@ class Backend(Protocol):
     @property
     def tokenizer(self): ...
 
-    def encode(self, prepared: PreparedPrompt) -> EncodedPrompt: ...
+    def encode(self, prepared: PreparedPrompt, lora: str | None = None) -> EncodedPrompt: ...
 
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]: ...
 
@@ -50,6 +52,7 @@ class CheckpointBackend:
 
     checkpoint: Checkpoint
     prompt_limit: int  # most prompt tokens after items expand
+    adapters: dict[str, LoraAdapter] = {}  # set per instance by backends that were given adapters
 
     @property
     def specs(self) -> dict[str, ModalitySpec]:
@@ -59,9 +62,13 @@ class CheckpointBackend:
     def tokenizer(self):
         return self.checkpoint.tokenizer
 
-    def encode(self, prepared: PreparedPrompt) -> EncodedPrompt:
-        """Tokenize once and expand the items (``Checkpoint.encode``); InputError if the prompt can't run."""
-        return self.checkpoint.encode(prepared, self.prompt_limit)
+    def encode(self, prepared: PreparedPrompt, lora: str | None = None) -> EncodedPrompt:
+        """Tokenize once and expand the items (``Checkpoint.encode``); InputError if the prompt can't run
+        or names an adapter this backend was not given."""
+        name = check_request_lora(lora, self.adapters)
+        encoded = self.checkpoint.encode(prepared, self.prompt_limit)
+        encoded.lora = name
+        return encoded
 
 
 def vllm_available() -> bool:
@@ -85,7 +92,8 @@ def open_backend(model: str | os.PathLike, backend: str = "auto", **options: Any
     """Load ``model`` (checkpoint directory or hub id) in the selected backend; ``options`` go to its constructor.
 
     vLLM engine options (``kv_cache_gb``, ``max_model_len``, ...) are refused with ``backend="hf"``
-    and dropped, with a status line, when ``auto`` finds no vLLM to give them to.
+    and dropped, with a status line, when ``auto`` finds no vLLM to give them to. ``lora`` (adapters
+    a request may name, ``mmfuse.lora.open_adapters``) works on both.
     """
     name = select_backend(backend)
     status(f"loading {model} ({name} backend)")

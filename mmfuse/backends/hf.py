@@ -18,6 +18,7 @@ from ..checkpoint import Checkpoint, load_projector_state, open_checkpoint, read
 from ..config import ConfigError, wrapper_architecture
 from ..encoders import encode_items
 from ..inputs import EncodedPrompt, InputError, Item, PreparedPrompt
+from ..lora import LoraAdapter, open_adapters
 from ..projectors import build_projectors, project_items
 from ..sampling import Completion, SamplingConfig, truncate_at_stop
 
@@ -51,6 +52,7 @@ class MMFuseModel(nn.Module):
         self.max_len = checkpoint.max_len
         self.eos_token_ids = checkpoint.eos_token_ids
         self.mm_projectors = build_projectors(self.specs, lm.config.get_text_config().hidden_size)
+        self.adapters: dict[str, LoraAdapter] = {}  # LoRA adapters loaded into self.lm (attach_adapters)
 
     @property
     def device(self) -> torch.device:
@@ -128,6 +130,26 @@ def load(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype).eval()
 
 
+def attach_adapters(model: MMFuseModel, adapters: Mapping[str, LoraAdapter]) -> None:
+    """Load LoRA adapters into the LM with peft, unmerged, each under its name; the projectors are untouched.
+
+    Each prompt then picks its adapter (or none) in one batch (``EncodedPrompt.lora``, peft's
+    ``adapter_names``)."""
+    if not adapters:
+        return
+    from peft import PeftModel
+
+    first, *rest = adapters.values()
+    try:
+        lm = PeftModel.from_pretrained(model.lm, first.path, adapter_name=first.name, is_trainable=False)
+        for a in rest:
+            lm.load_adapter(a.path, adapter_name=a.name, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another base
+        raise ConfigError(f"lora: an adapter does not fit this checkpoint's LM: {e}") from None
+    model.lm = lm.eval()
+    model.adapters = dict(adapters)
+
+
 def _load_projectors(model: MMFuseModel, path) -> None:
     state = load_projector_state(path)
     expected = model.mm_projectors.state_dict()
@@ -142,6 +164,16 @@ def _load_projectors(model: MMFuseModel, path) -> None:
     if extra:
         raise ConfigError(f"{path}: projector weights for no configured modality: {extra}")
     model.mm_projectors.load_state_dict(state)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage once (tied weights are one tensor)."""
+    seen, total = set(), 0
+    for t in module.state_dict(keep_vars=True).values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 class RequestsFailed(InputError):
@@ -222,8 +254,12 @@ def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor]
         stop_strings=sampling.stop or None, return_dict_in_generate=True, output_logits=sampling.logprobs)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
+    lora = {}
+    if model.adapters:  # peft's mixed batch: one adapter (or the bare LM) per row, rows repeated n times
+        lora["adapter_names"] = [p.lora or "__base__" for p in prompts for _ in range(sampling.n)]
     out = model.lm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=gen,
-                            logits_processor=LogitsProcessorList([guard]), tokenizer=tok if sampling.stop else None)
+                            logits_processor=LogitsProcessorList([guard]), tokenizer=tok if sampling.stop else None,
+                            **lora)
     seqs = out.sequences  # [B * n, new]: with inputs_embeds only new tokens come back
     logprobs = None
     if sampling.logprobs:
@@ -251,18 +287,30 @@ def _completion(tok, eos: frozenset[int], seq: torch.Tensor, logprobs: torch.Ten
 
 
 class HFBackend(CheckpointBackend):
-    """The transformers reference behind the ``Backend`` protocol."""
+    """The transformers reference behind the ``Backend`` protocol.
+
+    ``lora``: LoRA adapters a prompt may name (``mmfuse.lora.open_adapters``), applied with peft."""
 
     name = "hf"
 
-    def __init__(self, model_path: str | os.PathLike, device: str | None = None, dtype: str = "float32"):
+    def __init__(self, model_path: str | os.PathLike, device: str | None = None, dtype: str = "float32",
+                 lora=None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        adapters = open_adapters(lora)  # checked before the model loads
         self.model = load(model_path, device=device, dtype=getattr(torch, dtype))
+        attach_adapters(self.model, adapters)
+        self.model.to(device)
+        self.adapters = adapters
         self.checkpoint = self.model.checkpoint
         self.max_model_len = self.prompt_limit = self.checkpoint.max_len
 
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
         return generate(self.model, prompts, sampling)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as loaded (LM, projectors, adapters): a quantized base's weights count at their
+        stored width (transformers keeps compressed-tensors weights packed and unpacks them per call)."""
+        return weight_bytes(self.model)
 
     def close(self) -> None:
         """Nothing to stop: the model is freed with this object."""

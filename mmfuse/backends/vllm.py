@@ -24,6 +24,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..inputs import EncodedPrompt
 from ..logs import status, verbose
+from ..lora import open_adapters, vllm_lora_args, vllm_lora_requests
 from ..sampling import Completion, SamplingConfig, truncate_at_stop
 from . import CheckpointBackend
 from .vllm_defaults import EngineOptions, apply_process_defaults, check_can_spawn, offline_engine_core
@@ -35,9 +36,14 @@ def engine_args(checkpoint: Checkpoint, options: EngineOptions, **engine_kwargs:
 
     args: dict[str, Any] = dict(model=str(checkpoint.path), dtype=options.dtype, max_model_len=options.max_model_len,
                                 enable_prefix_caching=True, tensor_parallel_size=options.tensor_parallel_size,
+                                pipeline_parallel_size=options.pipeline_parallel_size,
+                                distributed_executor_backend=options.distributed_executor_backend,
                                 use_tqdm_on_load=verbose())  # a weight-loading bar per start, behind -v
-    if current_platform.is_cpu():
-        args["enforce_eager"] = True  # graph capture only costs time on CPU
+    if current_platform.is_cpu() and options.pipeline_parallel_size == 1:
+        # graph capture only costs time on CPU. Not with pipeline ranks: vLLM 0.32's CPU runner allocates the
+        # buffer that receives the previous stage's hidden states only in its compile warm-up, so an eager
+        # pipeline-parallel engine fails its first step (AssertionError in sync_and_gather_intermediate_tensors)
+        args["enforce_eager"] = True
     args.update(options.memory_args(current_platform.is_cpu()))
     args.update(engine_kwargs)
     return args
@@ -88,29 +94,37 @@ class VLLMBackend(CheckpointBackend):
     """An mmfuse checkpoint served by an offline ``vllm.LLM`` (continuous batching, paged KV, prefix caching).
 
     Options: ``dtype`` (float32 by default: exact parity with the HF backend), ``max_model_len``,
-    ``kv_cache_gb`` or ``gpu_memory_utilization``, ``tensor_parallel_size``; any other keyword
-    goes to ``vllm.LLM`` as is (e.g. ``max_num_seqs``).
+    ``kv_cache_gb`` or ``gpu_memory_utilization``, ``tensor_parallel_size``, ``pipeline_parallel_size``,
+    ``distributed_executor_backend`` (``"ray"`` across nodes), ``lora`` (LoRA adapters a prompt may
+    name, ``mmfuse.lora.open_adapters``); any other keyword goes to ``vllm.LLM`` as is (e.g. ``max_num_seqs``).
     """
 
     name = "vllm"
 
     def __init__(self, model_path: str | os.PathLike, dtype: str = "float32", max_model_len: int | None = None,
                  kv_cache_gb: float | None = None, gpu_memory_utilization: float | None = None,
-                 tensor_parallel_size: int = 1, device: str | None = None, **engine_kwargs: Any):
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 distributed_executor_backend: str | None = None, device: str | None = None, lora=None,
+                 **engine_kwargs: Any):
         options = EngineOptions(dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
                                 gpu_memory_utilization=gpu_memory_utilization,
-                                tensor_parallel_size=tensor_parallel_size)
-        check_can_spawn(tensor_parallel_size)
-        apply_process_defaults(tensor_parallel_size)
+                                tensor_parallel_size=tensor_parallel_size,
+                                pipeline_parallel_size=pipeline_parallel_size,
+                                distributed_executor_backend=distributed_executor_backend)
+        check_can_spawn(options.world_size)
+        apply_process_defaults(options.world_size)
         from vllm import LLM
         from vllm.platforms import current_platform
 
         if device is not None and str(device).split(":")[0] != current_platform.device_type:
             raise ValueError(f"device: this vLLM build runs on {current_platform.device_type!r}, got {device!r}")
         self.checkpoint = open_checkpoint(model_path)  # the HF backend's tokenizer: same ids
-        args = engine_args(self.checkpoint, options, **engine_kwargs)
+        self.adapters = open_adapters(lora)
+        self.lora_requests = vllm_lora_requests(self.adapters)
+        args = engine_args(self.checkpoint, options, **vllm_lora_args(self.adapters, current_platform.is_cpu()),
+                           **engine_kwargs)
         started = time.perf_counter()
-        with offline_engine_core(tensor_parallel_size) as core:
+        with offline_engine_core(options.world_size) as core:
             self.llm = LLM(**args)
         self.in_process = core == "in-process"
         if self.in_process:
@@ -123,7 +137,9 @@ class VLLMBackend(CheckpointBackend):
 
     def generate_outputs(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list:
         """vLLM's own ``RequestOutput`` per prompt (with e.g. ``num_cached_tokens``)."""
-        return self.llm.generate([to_request(p) for p in prompts], to_sampling_params(sampling), use_tqdm=False)
+        lora = [self.lora_requests[p.lora] if p.lora else None for p in prompts] if self.adapters else None
+        return self.llm.generate([to_request(p) for p in prompts], to_sampling_params(sampling), use_tqdm=False,
+                                 lora_request=lora)
 
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
         """``n`` completions per prompt, in prompt order."""

@@ -85,7 +85,7 @@ def create_app(serving: Serving, settings: ServerSettings) -> FastAPI:
 
     async def respond(job, endpoint: str, start: float, chunks, response):
         """Stream SSE chunks or answer once; the two endpoints differ only in their formats."""
-        model, tok = settings.served_model_name, serving.engine.tokenizer
+        model, tok = job.model, serving.engine.tokenizer
         if job.stream:
             deltas = await serving.stream(job)  # returns once the first delta is ready
             metrics.first_token.labels(endpoint=endpoint).observe(time.perf_counter() - start)

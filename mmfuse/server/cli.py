@@ -27,6 +27,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MMFUSE_API_KEY; unset = open)")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS)
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: CKPT as given)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="a LoRA adapter (peft directory) over the checkpoint's LM, repeatable: a request whose "
+                        "`model` is NAME runs with it; listed in /v1/models (default: none)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this")
     lim.add_argument("--max-items-per-modality", type=int, default=None,
@@ -70,14 +73,21 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--gpu-memory-utilization", type=float, default=None,
                      help="vLLM backend fraction of device memory (of RAM on CPU); instead of --kv-cache-gb")
     eng.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
-                     help="vLLM backend tensor-parallel ranks")
+                     help="vLLM backend tensor-parallel ranks (each layer sharded across them)")
+    eng.add_argument("--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size,
+                     help="vLLM backend pipeline-parallel ranks (consecutive layers on each)")
+    eng.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
+                     help="vLLM backend: how ranks start; ray for a Ray cluster across nodes (default: vLLM's, "
+                          "processes on this node)")
     eng.add_argument("--graceful-shutdown", dest="graceful_shutdown_s", type=float, default=d.graceful_shutdown_s,
                      help="seconds in-flight requests get after SIGTERM")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    names = {f.name for f in dataclasses.fields(ServerSettings)}
-    return ServerSettings(**{k: v for k, v in vars(args).items() if k in names})
+    names = {f.name for f in dataclasses.fields(ServerSettings) if f.init}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["lora"] = tuple(values.get("lora") or ())
+    return ServerSettings(**values)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -285,6 +285,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "mmfuse"
+    root: str | None = None  # the served checkpoint's id (vLLM's convention)
+    parent: str | None = None  # for a LoRA adapter: the model it adapts; None for the checkpoint itself
     backend: str
     max_model_len: int
     modalities: list[ModalityCard]

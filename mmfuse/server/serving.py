@@ -1,6 +1,7 @@
 """The serving object: validated OpenAI requests in, responses (or SSE chunks) out.
 
-Order of checks, cheapest first, before anything is queued: model name,
+Order of checks, cheapest first, before anything is queued: model name (the served
+checkpoint or one of its LoRA adapters, whose name then rides on the encoded prompt),
 sampling limits, the modality of each image/audio part and item counts per
 modality (before any embedding or medium is decoded), wire decoding (image and
 audio parts decoded and run through their encoder's preprocessor on the media
@@ -44,10 +45,11 @@ MEDIA_THREADS = min(4, os.cpu_count() or 1)
 class Job:
     """One accepted request: what to generate and what the answer needs to know."""
 
-    encoded: EncodedPrompt
+    encoded: EncodedPrompt  # .lora: the adapter the request's `model` named, if any
     sampling: SamplingConfig
     stream: bool
     include_usage: bool
+    model: str  # the id the request asked for (the served model or an adapter), echoed in the answer
 
     @property
     def prompt_tokens(self) -> int:
@@ -74,17 +76,28 @@ class Serving:
                                 max_items=s.max_items, placeholder=s.placeholder, projector=s.projector,
                                 media=self.media[n])
                  for n, s in self.specs.items()]
-        return P.ModelList(data=[P.ModelCard(id=self.settings.served_model_name, created=P.now(),
-                                             backend=self.engine.name, max_model_len=self.engine.max_model_len,
-                                             modalities=cards)])
+        base = self.settings.served_model_name
+        # each LoRA adapter is a model of its own, as on vLLM's server: same modalities, `parent` the base
+        return P.ModelList(data=[P.ModelCard(id=name, created=P.now(), backend=self.engine.name,
+                                             max_model_len=self.engine.max_model_len, modalities=cards,
+                                             root=base, parent=None if name == base else base)
+                                 for name in (base, *self.settings.adapters)])
 
     # -- validation -------------------------------------------------------------------------------------
 
+    def _model(self, req: P.ChatCompletionRequest | P.CompletionRequest) -> tuple[str, str | None]:
+        """The model a request asked for, and the LoRA adapter that runs it (None: the checkpoint's own LM)."""
+        base = self.settings.served_model_name
+        if req.model is None or req.model == base:
+            return base, None
+        if req.model in self.settings.adapters:
+            return req.model, req.model
+        served = [base, *self.settings.adapters]
+        raise APIError(404, f"model {req.model!r} is not served here; this server serves {served}", "model",
+                       "model_not_found")
+
     def _sampling(self, req: P.ChatCompletionRequest | P.CompletionRequest, max_tokens: int | None,
                   logprobs: bool) -> SamplingConfig:
-        if req.model is not None and req.model != self.settings.served_model_name:
-            raise APIError(404, f"model {req.model!r} is not served here; this server serves "
-                                f"{self.settings.served_model_name!r}", "model", "model_not_found")
         limit = self.settings.max_tokens_limit
         max_tokens = max_tokens or self.settings.default_max_tokens
         if max_tokens > limit:
@@ -121,11 +134,12 @@ class Serving:
         return await asyncio.get_running_loop().run_in_executor(self._media_threads, fn, *args)
 
     async def _finish(self, text: str, items, param: str, sampling: SamplingConfig, req,
-                      explicit_max_tokens: bool) -> Job:
+                      explicit_max_tokens: bool, model: tuple[str, str | None]) -> Job:
         try:
             encoded = await self.engine.encode(prepare(text, items, self.specs))
         except InputError as e:
             raise APIError(400, str(e), param, "input_error") from None
+        encoded.lora = model[1]
         length = encoded.num_tokens
         if self.settings.max_prompt_tokens and length > self.settings.max_prompt_tokens:
             raise APIError(400, f"prompt too long: {length} tokens (items count as their soft tokens), this "
@@ -144,9 +158,10 @@ class Serving:
         for name, its in encoded.items.items():
             self.metrics.items.labels(modality=name).inc(len(its))
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Job(encoded, sampling, req.stream, usage)
+        return Job(encoded, sampling, req.stream, usage, model[0])
 
     async def check_chat(self, req: P.ChatCompletionRequest) -> Job:
+        model = self._model(req)
         sampling = self._sampling(req, req.max_completion_tokens or req.max_tokens, req.logprobs)
         media = await self._decode_media(req.messages, self._route_parts(req.messages))
         try:
@@ -158,7 +173,7 @@ class Serving:
         except InputError as e:
             raise APIError(400, str(e), "messages", "input_error") from None
         return await self._finish(text, items, "messages", sampling, req,
-                                  (req.max_completion_tokens or req.max_tokens) is not None)
+                                  (req.max_completion_tokens or req.max_tokens) is not None, model)
 
     def _route_parts(self, messages: list[P.ChatMessage]) -> dict[tuple[int, int], tuple[str, int]]:
         """(modality, item index) of each image/audio part, by (message, part); items per modality counted, all
@@ -213,6 +228,7 @@ class Serving:
         return out
 
     async def check_completion(self, req: P.CompletionRequest) -> Job:
+        model = self._model(req)
         sampling = self._sampling(req, req.max_tokens, req.logprobs is not None)
         try:
             items = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
@@ -223,7 +239,7 @@ class Serving:
         except InputError as e:
             raise APIError(400, str(e), "prompt", "input_error") from None
         return await self._finish(prompt, items, "prompt" if not items else "multimodal_embeddings", sampling, req,
-                            req.max_tokens is not None)
+                                  req.max_tokens is not None, model)
 
     # -- generation -------------------------------------------------------------------------------------
 

@@ -17,6 +17,9 @@ class ServerSettings:
 
     model: str  # checkpoint directory or hub id
     served_model_name: str | None = None  # the id clients send as `model`; None = `model` as given
+    # LoRA adapters over the checkpoint's LM, "NAME=PATH" each: a request whose `model` is NAME runs with it
+    lora: tuple[str, ...] = ()
+    adapters: dict = field(init=False, repr=False)  # NAME -> mmfuse.lora.LoraAdapter, checked once
     backend: str = "auto"  # auto: vLLM when importable, else transformers
     host: str = "127.0.0.1"  # loopback by default: exposing a server is an explicit choice
     port: int = 8000
@@ -53,7 +56,9 @@ class ServerSettings:
     max_model_len: int | None = None  # vLLM backend; None = the model's own
     kv_cache_gb: float | None = None  # vLLM backend; None = from free memory on CPU, vLLM's default on GPU
     gpu_memory_utilization: float | None = None  # vLLM backend: fraction of device memory (RAM on CPU)
-    tensor_parallel_size: int = 1  # vLLM backend
+    tensor_parallel_size: int = 1  # vLLM backend: ranks sharding each layer
+    pipeline_parallel_size: int = 1  # vLLM backend: ranks holding consecutive layers
+    distributed_executor_backend: str | None = None  # vLLM backend: "ray" for ranks across nodes; None = vLLM's
     graceful_shutdown_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
 
     def __post_init__(self) -> None:
@@ -87,3 +92,7 @@ class ServerSettings:
                                         max_audio_seconds=self.max_audio_seconds)
         if self.served_model_name is None:
             self.served_model_name = str(self.model)
+        from ..lora import open_adapters
+        self.adapters = open_adapters(list(self.lora), field="lora")
+        if self.served_model_name in self.adapters:
+            raise ConfigError(f"lora: adapter name {self.served_model_name!r} is the served model's own name")

@@ -63,6 +63,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     kind.add_argument("--lora-r", type=int, default=16, help="LoRA rank for stage 2")
     kind.add_argument("--full", action="store_true", help="stage 2: train every LM weight (default: LoRA)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
+    p.add_argument("--freeze-projectors", action="store_true",
+                   help="stage 2: train the LM (LoRA or --full) alone, every projector as it is in CKPT")
+    p.add_argument("--save-adapter", action="store_true",
+                   help="stage 2 LoRA: also write the LoRA unmerged to OUT/adapter (peft format), to serve over "
+                        "CKPT with `mmfuse serve CKPT --lora NAME=OUT/adapter`; needs --freeze-projectors")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout probability")
     p.add_argument("--epochs", type=int, default=1, help="passes over the data (ignored with --max-steps)")
     p.add_argument("--max-steps", type=int, default=None, help="optimiser steps in total (default: from --epochs)")

@@ -31,6 +31,9 @@ class TrainConfig:
     lora_dropout: float = 0.0  # 0 keeps runs reproducible without RNG bookkeeping inside peft
     full: bool = False  # stage 2: train every LM weight instead of LoRA adapters
     train_modalities: list[str] | None = None  # projectors to train (the others frozen); None = all of them
+    freeze_projectors: bool = False  # stage 2: train the LM (LoRA or full) alone, every projector frozen
+    # stage 2 LoRA: also write the adapter unmerged to OUT/adapter (peft format), to serve over the input checkpoint
+    save_adapter: bool = False
     epochs: int = 1  # passes over DATA; ignored when max_steps is set
     max_steps: int | None = None  # optimiser steps in total; required with streaming (length unknown)
     batch_size: int = 8  # rows per process per micro-step
@@ -66,6 +69,18 @@ class TrainConfig:
             raise TrainConfigError(f"train_modalities: expected modality names, got {self.train_modalities!r}")
         if self.full and self.stage != 2:
             raise TrainConfigError("full: training the whole LM is stage 2 (--stage 2 --full)")
+        if self.freeze_projectors and (self.stage != 2 or self.train_modalities is not None):
+            raise TrainConfigError("freeze_projectors: stage 2 only, and not with train_modalities (stage 1 trains "
+                                   "projectors alone)")
+        if self.save_adapter and (self.stage != 2 or self.full):
+            raise TrainConfigError("save_adapter: only stage 2 LoRA training has an adapter to save (--stage 2 "
+                                   "without --full)")
+        if self.save_adapter and not self.freeze_projectors:
+            # an adapter changes the LM only and is served over the input checkpoint's projectors: if this run
+            # also trained projectors, adapter + input checkpoint would not be the model this run made
+            raise TrainConfigError("save_adapter: an adapter is served over the input checkpoint's projectors, so "
+                                   "the run must leave them as they are: add --freeze-projectors (train the "
+                                   "projectors in stage 1 first)")
         positive = ["lora_r", "epochs", "batch_size", "grad_accum", "keep_states", "log_every"]
         for key in positive:
             value = getattr(self, key)
@@ -117,7 +132,7 @@ class TrainConfig:
 # what is trained and the lr curve, so changing them would silently train something else
 RESUME_INVARIANTS = ("data", "stage", "lora_r", "lora_alpha", "full", "epochs", "max_steps", "batch_size",
                      "grad_accum", "lr", "weight_decay", "warmup", "schedule", "shuffle", "seed", "streaming",
-                     "train_modalities")
+                     "train_modalities", "freeze_projectors")
 
 
 @dataclass

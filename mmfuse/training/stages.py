@@ -4,7 +4,10 @@
   export reuses the input checkpoint's LM files (hard links when possible) plus a new projector file.
 - stage 2: projectors + LoRA adapters on every linear layer of the LM's blocks
   (peft ``all-linear``: attention and MLP, never the output head), merged into
-  the LM weights at export; or, with ``full``, every LM weight.
+  the LM weights at export; or, with ``full``, every LM weight. ``freeze_projectors``
+  trains the LM alone; ``save_adapter`` (with it) also writes the LoRA unmerged to
+  ``OUT/adapter``, so many fine-tunes of one checkpoint are served by one engine
+  (``mmfuse serve CKPT --lora NAME=OUT/adapter``, ``mmfuse.lora``).
 - encoders (a modality's frozen ``encoder``) are never trained: they run outside the model's parameters
   (``mmfuse.encoders.get_tower``), so the optimiser and the saved state never see them, and the export
   carries the input's ``encoders/`` over unchanged (hard links).
@@ -27,6 +30,7 @@ from ..checkpoint import INDEX_FILE, PROJECTOR_FILE, PROJECTOR_PREFIX, read_conf
 from .config import TrainConfig, TrainConfigError
 
 STATE_DIR = "train_state"
+ADAPTER_DIR = "adapter"  # stage 2 --save-adapter: the LoRA unmerged (mmfuse.lora serves it)
 ENCODERS_DIR = "encoders"  # a checkpoint's local encoders (mmfuse init copies them to encoders/NAME)
 REPORT_FILES = ("metrics.json", "loss_curve.png")  # written by a run into OUT; never carried over
 
@@ -38,7 +42,7 @@ def setup_trainable(model, config: TrainConfig):
     The names are those of ``model.named_parameters()`` and key the saved training state.
     """
     model.requires_grad_(False)
-    names = config.train_modalities or list(model.mm_projectors)
+    names = [] if config.freeze_projectors else config.train_modalities or list(model.mm_projectors)
     unknown = sorted(set(names) - set(model.mm_projectors))
     if unknown:
         raise TrainConfigError(f"train_modalities: {unknown} not in this checkpoint's modalities "
@@ -81,6 +85,8 @@ def export_checkpoint(model, peft_model, config: TrainConfig, ckpt: Path, out: P
     if config.trainable == "projectors":
         _export_projectors_only(model, ckpt, out)
         return out
+    if peft_model is not None and config.save_adapter:
+        _save_adapter(peft_model, ckpt, out / ADAPTER_DIR)
     if peft_model is not None:
         model.lm = peft_model.merge_and_unload()  # W + scale * B @ A, adapters removed
     source_dtype = _checkpoint_dtype(ckpt)
@@ -88,6 +94,15 @@ def export_checkpoint(model, peft_model, config: TrainConfig, ckpt: Path, out: P
         model.lm.to(source_dtype)  # export in the checkpoint's own precision (fp32 training master copy)
     model.save(out, lm_weights=True)
     return out
+
+
+def _save_adapter(peft_model, ckpt: Path, adapter_dir: Path) -> None:
+    """The LoRA as trained, unmerged, in peft's format (adapter_config.json + adapter_model.safetensors): served
+    over the input checkpoint with ``--lora NAME=OUT/adapter``, it equals the merged export (same projectors)."""
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    peft_model.peft_config["default"].base_model_name_or_path = str(ckpt)  # what it adapts, for the reader
+    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
 
 
 def _carry_encoders(ckpt: Path, out: Path) -> None:

@@ -12,6 +12,15 @@ built inside as ``language_model``. Weights map as
 vLLM computes ``embed_multimodal`` per batch of items of one modality, caches the
 rows by item hash, and scatters them over the placeholder positions
 (``SupportsMultiModal.embed_input_ids``) before running the unchanged LM.
+
+LoRA (``SupportsLoRA``) is the base's too: an adapter's ``base_model.model.model.*`` names map
+like the weights, to ``language_model.model.*``; projectors and encoders are never adapted.
+
+Parallelism is the base model's: under tensor parallelism vLLM shards ``language_model``
+and every rank holds the (small) projectors and encoders whole; under pipeline
+parallelism (``SupportsPP``) the embeddings and projected rows are made on the first
+stage, which alone holds the embedding table, and the base's own layers are split
+across stages, ``forward`` passing ``intermediate_tensors`` through.
 """
 from __future__ import annotations
 
@@ -20,7 +29,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsLoRA, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.utils import (AutoWeightsLoader, WeightsMapper, init_vllm_registered_model,
                                               maybe_prefix)
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -36,7 +46,7 @@ from .processing import (MMFuseDummyInputsBuilder, MMFuseMultiModalProcessor, MM
 
 @MULTIMODAL_REGISTRY.register_processor(MMFuseMultiModalProcessor, info=MMFuseProcessingInfo,
                                         dummy_inputs=MMFuseDummyInputsBuilder)
-class MMFuseForCausalLM(nn.Module, SupportsMultiModal):
+class MMFuseForCausalLM(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
     """A supported causal LM (Qwen3/Qwen2/Llama/Mistral) with one projector per named modality."""
 
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.": "language_model.model.",
@@ -56,6 +66,7 @@ class MMFuseForCausalLM(nn.Module, SupportsMultiModal):
         if base not in SUPPORTED_BASES:
             raise ConfigError(f"mmfuse: base architecture {base!r} is not supported; supported: {SUPPORTED_BASES}")
         self.specs = MMFuseConfig.from_hf_config(config).modalities
+        self.config = config  # vLLM's LoRA manager reads model.config
         with self._mark_tower_model(vllm_config, set(self.specs)):
             self.mm_projectors = build_projectors(self.specs, config.get_text_config().hidden_size)
             # frozen encoders, replicated on every rank; weights from their own files (load_weights)
@@ -66,6 +77,15 @@ class MMFuseForCausalLM(nn.Module, SupportsMultiModal):
                                                              architectures=[base],
                                                              prefix=maybe_prefix(prefix, "language_model"))
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+        # LoRA is the base's: its embedding modules; packed_modules_mapping (qkv_proj <- q/k/v_proj ...) is left
+        # empty here, so vLLM takes it from this child (vllm.model_executor.utils.get_packed_modules_mapping)
+        self.embedding_modules = self.language_model.embedding_modules
+
+    def get_mm_mapping(self) -> MultiModelKeys:
+        """For vLLM's LoRA manager: adapters apply to ``language_model`` only, never to the projectors or
+        encoders (their weights are the checkpoint's for every request)."""
+        return MultiModelKeys.from_string_field(language_model="language_model", connector="mm_projectors",
+                                                tower_model="encoders")
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """Rows for each item in the batch, in item order: a list of [rows_of(spec, item), H].

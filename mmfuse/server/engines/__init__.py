@@ -73,6 +73,11 @@ class PromptEncoder:
                                                                 self.max_len)
 
 
+def engine_options(settings: ServerSettings) -> EngineOptions:
+    """The vLLM engine settings of a server (checked by ``EngineOptions``)."""
+    return EngineOptions(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(EngineOptions)})
+
+
 def make_engine(settings: ServerSettings, on_batch=None):
     """The engine for ``settings.backend`` (``auto``: vLLM when importable).
 
@@ -80,15 +85,12 @@ def make_engine(settings: ServerSettings, on_batch=None):
     """
     if select_backend(settings.backend) == "vllm":
         from .vllm import VLLMEngine
-        options = EngineOptions(dtype=settings.dtype, max_model_len=settings.max_model_len,
-                                kv_cache_gb=settings.kv_cache_gb,
-                                gpu_memory_utilization=settings.gpu_memory_utilization,
-                                tensor_parallel_size=settings.tensor_parallel_size)
-        return VLLMEngine(settings.model, options, max_num_seqs=settings.max_batch_size)
+        return VLLMEngine(settings.model, engine_options(settings), adapters=settings.adapters,
+                          max_num_seqs=settings.max_batch_size)
     from ...backends.hf import HFBackend
     from .hf import HFEngine
     if settings.torch_threads is not None:
         import torch
         torch.set_num_threads(settings.torch_threads)
-    return HFEngine(HFBackend(settings.model, device=settings.device, dtype=settings.dtype),
+    return HFEngine(HFBackend(settings.model, device=settings.device, dtype=settings.dtype, lora=settings.adapters),
                     max_batch_size=settings.max_batch_size, on_batch=on_batch)

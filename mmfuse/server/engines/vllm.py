@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,6 +20,7 @@ from ...backends.vllm_defaults import EngineOptions, apply_process_defaults
 from ...checkpoint import open_checkpoint
 from ...inputs import EncodedPrompt, InputError
 from ...logs import status
+from ...lora import LoraAdapter, vllm_lora_args, vllm_lora_requests
 from ...sampling import Completion, SamplingConfig
 from . import Delta, PromptEncoder
 
@@ -27,15 +28,20 @@ from . import Delta, PromptEncoder
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model: str | os.PathLike, options: EngineOptions, **engine_kwargs: Any):
-        apply_process_defaults(options.tensor_parallel_size)
+    def __init__(self, model: str | os.PathLike, options: EngineOptions, adapters: Mapping[str, LoraAdapter] = {},
+                 **engine_kwargs: Any):
+        apply_process_defaults(options.world_size)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.checkpoint = open_checkpoint(model)  # the HF backend's tokenizer: same ids
         self.specs, self.tokenizer = self.checkpoint.specs, self.checkpoint.tokenizer
         status(f"starting the vLLM engine for {model}")
-        args = AsyncEngineArgs(**engine_args(self.checkpoint, options, disable_log_stats=True, **engine_kwargs))
+        from vllm.platforms import current_platform
+
+        self.lora_requests = vllm_lora_requests(adapters)  # EncodedPrompt.lora -> vLLM's LoRARequest
+        args = AsyncEngineArgs(**engine_args(self.checkpoint, options, disable_log_stats=True,
+                                             **vllm_lora_args(adapters, current_platform.is_cpu()), **engine_kwargs))
         self.engine = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.engine.model_config.max_model_len
         self.encode = PromptEncoder(self.checkpoint, self.max_model_len - 1)  # room for one new token
@@ -48,7 +54,8 @@ class VLLMEngine:
             params.output_kind = kind
             # render (multimodal processing included) off the event loop, as vLLM's own server does
             (engine_input,) = await self.engine.renderer.render_cmpl_async([to_request(encoded)])
-            outputs = self.engine.generate(engine_input, params, request_id=uuid.uuid4().hex)
+            outputs = self.engine.generate(engine_input, params, request_id=uuid.uuid4().hex,
+                                           lora_request=self.lora_requests.get(encoded.lora))
             first = await anext(outputs)
         except VLLMValidationError as e:  # a request vLLM refuses is the client's to fix
             raise InputError(str(e)) from None
