@@ -9,7 +9,7 @@ from typing import Any
 from .backends import open_backend
 from .chat import render_messages
 from .inputs import EncodedPrompt, InputError, PreparedPrompt, prepare, user_text
-from .sampling import Completion, SamplingConfig, check_room, engine_sampling
+from .sampling import Completion, SamplingConfig, check_room, check_token_ids, engine_sampling
 
 
 class MultimodalPipeline:
@@ -59,23 +59,29 @@ class MultimodalPipeline:
         encoded = [self.encode(r) for r in batch]
         for e in encoded:  # max_tokens must fit after each prompt
             check_room(sampling, e.num_tokens, self.backend.max_model_len)
+        check_token_ids(sampling, self.backend.checkpoint.vocab_size)
         results = self.backend.generate(encoded, engine_sampling(sampling))
         return [cs if len(cs) == sampling.n else [dataclasses.replace(cs[0]) for _ in range(sampling.n)]
                 for cs in results]
 
     def generate(self, inputs: Mapping | Sequence[Mapping], max_tokens: int | None = None, *,
-                 max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: str | list[str] | None = None, n: int = 1) -> Any:
-        """Generate text. One dict in -> a str (a list of n str when n > 1); a list in -> a list of those."""
+                 max_new_tokens: int | None = None, **sampling: Any) -> Any:
+        """Generate text. One dict in -> a str (a list of n str when n > 1); a list in -> a list of those.
+
+        ``sampling``: any ``SamplingConfig`` field (``temperature``, ``top_p``, ``seed``, ``stop``, ``n``,
+        ``presence_penalty``, ``logit_bias``, ...); an unknown name is an ``InputError`` naming it."""
+        config = self._sampling(max_tokens, max_new_tokens, sampling)
+        results = self.generate_completions(inputs, config)
+        texts = [[c.text for c in cs] if config.n > 1 else cs[0].text for cs in results]
+        return texts[0] if isinstance(inputs, Mapping) else texts
+
+    @staticmethod
+    def _sampling(max_tokens: int | None, max_new_tokens: int | None, fields: dict) -> SamplingConfig:
         if max_tokens is not None and max_new_tokens is not None and max_tokens != max_new_tokens:
             raise InputError("max_tokens: give max_tokens or max_new_tokens, not both", "max_tokens")
         limit = max_tokens if max_tokens is not None else max_new_tokens
         # SamplingConfig checks every value (exact types and ranges) and raises InputError naming it
-        sampling = SamplingConfig(max_tokens=64 if limit is None else limit, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, seed=seed, stop=stop, n=n)
-        results = self.generate_completions(inputs, sampling)
-        texts = [[c.text for c in cs] if n > 1 else cs[0].text for cs in results]
-        return texts[0] if isinstance(inputs, Mapping) else texts
+        return SamplingConfig.from_fields(max_tokens=64 if limit is None else limit, **fields)
 
     def close(self) -> None:
         """Release the backend (stops a vLLM engine's processes now rather than at exit)."""

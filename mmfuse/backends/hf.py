@@ -19,7 +19,8 @@ from ..config import ConfigError, wrapper_architecture
 from ..encoders import encode_items
 from ..inputs import EncodedPrompt, InputError, Item, PreparedPrompt
 from ..projectors import build_projectors, project_items
-from ..sampling import Completion, SamplingConfig, truncate_at_stop
+from ..sampling import Completion, SamplingConfig, truncate_at_stop, visible_tokens
+from .hf_sampling import logits_processors, top_logprobs
 
 
 def merge_rows(embeds: torch.Tensor, input_ids: torch.Tensor, rows: Mapping[str, torch.Tensor],
@@ -212,42 +213,50 @@ def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor]
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
     attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
     embeds = model.embed_rows(input_ids, rows)  # each prompt's items projected once, by generate
+    stop_ids = model.eos_token_ids | set(sampling.stop_token_ids)
     gen = GenerationConfig(
         max_new_tokens=sampling.max_tokens, do_sample=not sampling.greedy,
         temperature=sampling.temperature if not sampling.greedy else None,
         top_p=sampling.top_p if not sampling.greedy else None,
         top_k=sampling.top_k if not sampling.greedy else None,
+        min_p=sampling.min_p if not sampling.greedy and sampling.min_p else None,
         repetition_penalty=1.0,  # SamplingConfig is the whole truth: no defaults from generation_config.json
-        num_return_sequences=sampling.n, pad_token_id=pad, eos_token_id=sorted(model.eos_token_ids),
+        num_return_sequences=sampling.n, pad_token_id=pad, eos_token_id=sorted(stop_ids),
         stop_strings=sampling.stop or None, return_dict_in_generate=True, output_logits=sampling.logprobs)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
+    processors = LogitsProcessorList([guard, *logits_processors(sampling, prompts, stop_ids, model.device)])
     out = model.lm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=gen,
-                            logits_processor=LogitsProcessorList([guard]), tokenizer=tok if sampling.stop else None)
+                            logits_processor=processors, tokenizer=tok if sampling.stop else None)
     seqs = out.sequences  # [B * n, new]: with inputs_embeds only new tokens come back
-    logprobs = None
-    if sampling.logprobs:
+    steps = None
+    if sampling.logprobs:  # of the raw logits, before any processor (vLLM's default logprobs mode)
         steps = torch.stack(out.logits, 1).float().log_softmax(-1)  # [B * n, new, V]
-        logprobs = steps.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
     results: list[list[Completion]] = [[] for _ in prompts]
     for row in range(seqs.shape[0]):
-        lp = logprobs[row] if logprobs is not None else None
-        results[row // sampling.n].append(_completion(tok, model.eos_token_ids, seqs[row], lp, sampling))
+        lp = steps[row] if steps is not None else None
+        results[row // sampling.n].append(_completion(tok, stop_ids, seqs[row], lp, sampling))
     return results
 
 
-def _completion(tok, eos: frozenset[int], seq: torch.Tensor, logprobs: torch.Tensor | None,
+def _completion(tok, stop_ids: set[int], seq: torch.Tensor, steps: torch.Tensor | None,
                 sampling: SamplingConfig) -> Completion:
-    """Token ids up to and including the first EOS (what follows is padding)."""
+    """Token ids up to and including the first EOS or stop token (what follows is padding).
+    ``steps``: [new, V] logprobs of every position, when asked."""
     toks = seq.tolist()
-    end = next((i for i, t in enumerate(toks) if t in eos), None)
+    end = next((i for i, t in enumerate(toks) if t in stop_ids), None)
     finish = "stop" if end is not None else "length"
     toks = toks if end is None else toks[: end + 1]
-    text, stopped = truncate_at_stop(tok.decode(toks, skip_special_tokens=True), sampling.stop)
+    text, stopped = truncate_at_stop(tok.decode(visible_tokens(toks, sampling), skip_special_tokens=True),
+                                     sampling.stop)
     if stopped:
         finish = "stop"
-    lp = logprobs[: len(toks)].tolist() if logprobs is not None else None
-    return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=lp)
+    lp = top = None
+    if steps is not None:
+        steps = steps[: len(toks)]
+        lp = steps.gather(-1, torch.tensor(toks, device=steps.device).unsqueeze(-1)).squeeze(-1).tolist()
+        top = top_logprobs(steps, sampling.top_logprobs) if sampling.top_logprobs else None
+    return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=lp, top_logprobs=top)
 
 
 class HFBackend(CheckpointBackend):

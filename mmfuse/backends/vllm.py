@@ -24,7 +24,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..inputs import EncodedPrompt
 from ..logs import status, verbose
-from ..sampling import Completion, SamplingConfig, truncate_at_stop
+from ..sampling import Completion, SamplingConfig, truncate_at_stop, visible_tokens
 from . import CheckpointBackend
 from .vllm_defaults import EngineOptions, apply_process_defaults, check_can_spawn, offline_engine_core
 
@@ -64,24 +64,41 @@ def to_request(encoded: EncodedPrompt) -> dict[str, Any]:
 
 
 def to_sampling_params(sampling: SamplingConfig):
-    """``SamplingConfig`` -> ``vllm.SamplingParams`` (logprobs of the chosen tokens only, when asked)."""
+    """``SamplingConfig`` -> ``vllm.SamplingParams`` (the same fields; logprobs of the chosen tokens
+    plus ``top_logprobs`` alternatives, when asked)."""
     from vllm import SamplingParams
 
     return SamplingParams(n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                           top_p=sampling.top_p, top_k=sampling.top_k,  # 0 = off in both
-                          seed=sampling.seed, stop=list(sampling.stop) or None,
-                          logprobs=0 if sampling.logprobs else None)
+                          min_p=sampling.min_p, seed=sampling.seed, stop=list(sampling.stop) or None,
+                          stop_token_ids=list(sampling.stop_token_ids) or None,
+                          presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+                          repetition_penalty=sampling.repetition_penalty, min_tokens=sampling.min_tokens,
+                          logit_bias=dict(sampling.logit_bias) or None,
+                          logprobs=sampling.top_logprobs if sampling.logprobs else None)
+
+
+def step_logprobs(token_ids: Sequence[int], steps, sampling: SamplingConfig
+                  ) -> tuple[list[float] | None, list[dict[int, float]] | None]:
+    """vLLM's per-position ``{token: Logprob}`` maps -> (chosen tokens' logprobs, top ``top_logprobs`` per
+    position, best first). vLLM adds the chosen token to its top k (ranks 1..k): a worse one is dropped."""
+    if not sampling.logprobs or steps is None:
+        return None, None
+    chosen = [step[t].logprob for t, step in zip(token_ids, steps)]
+    k = sampling.top_logprobs
+    top = [{t: lp.logprob for t, lp in sorted(step.items(), key=lambda e: e[1].rank)[:k]}
+           for step in steps] if k else None
+    return chosen, top
 
 
 def to_completion(output, tokenizer, sampling: SamplingConfig) -> Completion:
     """One vLLM ``CompletionOutput`` as a ``Completion`` with the HF backend's conventions."""
-    toks = list(output.token_ids)  # vLLM keeps a generated EOS, as the HF backend does
-    logprobs = None
-    if sampling.logprobs and output.logprobs is not None:
-        logprobs = [step[t].logprob for t, step in zip(toks, output.logprobs)]
-    text, stopped = truncate_at_stop(tokenizer.decode(toks, skip_special_tokens=True), sampling.stop)
+    toks = list(output.token_ids)  # vLLM keeps a generated EOS (and a stop token id), as the HF backend does
+    logprobs, top = step_logprobs(toks, output.logprobs, sampling)
+    text, stopped = truncate_at_stop(tokenizer.decode(visible_tokens(toks, sampling), skip_special_tokens=True),
+                                     sampling.stop)
     finish = "stop" if stopped or output.finish_reason == "stop" else "length"
-    return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=logprobs)
+    return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=logprobs, top_logprobs=top)
 
 
 class VLLMBackend(CheckpointBackend):

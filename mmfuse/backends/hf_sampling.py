@@ -1,0 +1,83 @@
+"""vLLM's sampling fields on the transformers backend: which logits processors, in which order.
+
+vLLM's sampler applies, in order: ``min_tokens`` and ``logit_bias``, then the penalties
+(repetition, frequency, presence), then, when sampling, temperature, ``min_p`` and
+``top_k``/``top_p`` (``vllm/v1/sample/sampler.py``). ``logits_processors`` builds the first
+group from transformers' own processors (``MinNewTokensLengthLogitsProcessor``,
+``SequenceBiasLogitsProcessor``, ``RepetitionPenaltyLogitsProcessor``) plus ``OutputPenalties``
+(presence and frequency have no transformers processor); transformers runs these custom
+processors before its warpers, which ``GenerationConfig`` builds (temperature, top_k, top_p,
+min_p). Greedy answers therefore equal vLLM's with the same fields.
+
+Generation starts from ``inputs_embeds``, so transformers' ``input_ids`` hold only the
+generated tokens: the repetition penalty, which vLLM applies to prompt and output tokens,
+gets the prompt's ids prepended (``WithPrompt``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..inputs import EncodedPrompt
+from ..sampling import SamplingConfig
+
+
+class OutputPenalties:
+    """vLLM's frequency and presence penalties over the generated tokens:
+    ``logits -= frequency * count(token) + presence * (count(token) > 0)``."""
+
+    def __init__(self, presence: float, frequency: float):
+        self.presence, self.frequency = presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # input_ids: [B, generated so far]; scores: [B, V]
+        counts = torch.zeros_like(scores).scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class WithPrompt:
+    """Runs ``processor`` over prompt + generated ids: transformers passes only the generated ones when
+    generation starts from embeddings. ``prompt_ids``: [B, P], each row left-padded with its own first
+    token (a repeat of a prompt token changes no set of seen tokens, unlike a pad id)."""
+
+    def __init__(self, processor, prompt_ids: torch.Tensor):
+        self.processor, self.prompt_ids = processor, prompt_ids
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.processor(torch.cat([self.prompt_ids, input_ids], dim=1), scores)
+
+
+def prompt_ids(prompts: Sequence[EncodedPrompt], n: int, device) -> torch.Tensor:
+    """[B * n, P]: each prompt's expanded ids (the tokens vLLM's penalties see), once per returned sequence."""
+    width = max(len(p.expanded_ids) for p in prompts)
+    rows = [[p.expanded_ids[0]] * (width - len(p.expanded_ids)) + list(p.expanded_ids) for p in prompts]
+    return torch.tensor(rows, device=device).repeat_interleave(n, dim=0)
+
+
+def logits_processors(sampling: SamplingConfig, prompts: Sequence[EncodedPrompt], stop_ids: Iterable[int],
+                      device) -> list:
+    """The processors vLLM applies before temperature, for ``sampling``'s fields that are set.
+
+    ``stop_ids``: the EOS ids plus ``stop_token_ids``, which ``min_tokens`` holds back."""
+    from transformers import (MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                              SequenceBiasLogitsProcessor)
+
+    out = []
+    if sampling.min_tokens:
+        # prompt_length_to_skip=0: input_ids hold only the generated tokens
+        out.append(MinNewTokensLengthLogitsProcessor(0, sampling.min_tokens, sorted(stop_ids), device=device))
+    if sampling.logit_bias:
+        out.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in sampling.logit_bias.items()]))
+    if sampling.repetition_penalty != 1:
+        out.append(WithPrompt(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty),
+                              prompt_ids(prompts, sampling.n, device)))
+    if sampling.presence_penalty or sampling.frequency_penalty:
+        out.append(OutputPenalties(sampling.presence_penalty, sampling.frequency_penalty))
+    return out
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> list[dict[int, float]]:
+    """logprobs: [steps, V] -> per step, the ``k`` most likely tokens and their logprobs, best first."""
+    values, ids = logprobs.topk(k, dim=-1)
+    return [dict(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
