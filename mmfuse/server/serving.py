@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from ..chat import render_messages
 from ..inputs import EncodedPrompt, InputError, prepare, user_text
-from ..sampling import Completion, SamplingConfig, check_room, engine_sampling
+from ..sampling import Completion, SamplingConfig, check_room, check_token_ids, engine_sampling
 from . import parts
 from . import protocol as P
 from .engines import Delta
@@ -81,7 +81,7 @@ class Serving:
     # -- validation -------------------------------------------------------------------------------------
 
     def _sampling(self, req: P.ChatCompletionRequest | P.CompletionRequest, max_tokens: int | None,
-                  logprobs: bool) -> SamplingConfig:
+                  logprobs: bool, top_logprobs: int) -> SamplingConfig:
         if req.model is not None and req.model != self.settings.served_model_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves "
                                 f"{self.settings.served_model_name!r}", "model", "model_not_found")
@@ -97,8 +97,14 @@ class Serving:
             raise APIError(400, f"stop: expected at most {most} strings of at most {chars} characters, got "
                                 f"{len(stop)} of up to {max(map(len, stop))}", "stop")
         try:  # the one validation layer (types, ranges, UTF-8), shared with the Python API
-            return SamplingConfig(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, seed=req.seed, stop=stop, n=req.n, logprobs=logprobs)
+            sampling = SamplingConfig(
+                max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                min_p=req.min_p, seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids, n=req.n,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
+                logit_bias=_token_keys(req.logit_bias), logprobs=logprobs, top_logprobs=top_logprobs)
+            check_token_ids(sampling, self.engine.vocab_size)
+            return sampling
         except InputError as e:
             raise APIError(400, str(e), e.param, "invalid_value") from None
 
@@ -140,6 +146,10 @@ class Serving:
             except InputError as e:
                 raise APIError(400, str(e), "max_tokens") from None
         elif sampling.max_tokens > room:
+            if sampling.min_tokens > room:
+                raise APIError(400, f"min_tokens: the prompt has {length} tokens, so at most {room} more fit in "
+                                    f"the model's {self.engine.max_model_len}; asked for {sampling.min_tokens}",
+                               "min_tokens")
             sampling = dataclasses.replace(sampling, max_tokens=room)  # the default shrinks to fit
         for name, its in encoded.items.items():
             self.metrics.items.labels(modality=name).inc(len(its))
@@ -147,7 +157,8 @@ class Serving:
         return Job(encoded, sampling, req.stream, usage)
 
     async def check_chat(self, req: P.ChatCompletionRequest) -> Job:
-        sampling = self._sampling(req, req.max_completion_tokens or req.max_tokens, req.logprobs)
+        sampling = self._sampling(req, req.max_completion_tokens or req.max_tokens, req.logprobs,
+                                  req.top_logprobs or 0)
         media = await self._decode_media(req.messages, self._route_parts(req.messages))
         try:
             messages = [{"role": m.role, "content": self._content(i, m.content, media)}
@@ -213,7 +224,7 @@ class Serving:
         return out
 
     async def check_completion(self, req: P.CompletionRequest) -> Job:
-        sampling = self._sampling(req, req.max_tokens, req.logprobs is not None)
+        sampling = self._sampling(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0)
         try:
             items = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
         except InputError as e:
@@ -301,6 +312,18 @@ async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[De
     yield first
     async for delta in rest:
         yield delta
+
+
+def _token_keys(logit_bias: Mapping[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias keys are token ids written as JSON strings ("50256")."""
+    if logit_bias is None:
+        return None
+    out = {}
+    for key, bias in logit_bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):
+            raise InputError(f"logit_bias: key {key[:20]!r} is not a token id (a decimal integer)", "logit_bias")
+        out[int(key)] = bias
+    return out
 
 
 def _plain(value):

@@ -34,6 +34,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[float] | None = None
     finish_reason: str | None = None
+    top_logprobs: list[dict[int, float]] | None = None  # per token, the most likely ones, best first
 
 
 def completion_deltas(tokenizer, index: int, completion: Completion) -> list[Delta]:
@@ -42,7 +43,7 @@ def completion_deltas(tokenizer, index: int, completion: Completion) -> list[Del
     Text is released only when the decoded prefix is stable (no partial UTF-8 character)
     and never past the final, stop-truncated text.
     """
-    final, toks, lps = completion.text, completion.token_ids, completion.logprobs
+    final, toks, lps, top = completion.text, completion.token_ids, completion.logprobs, completion.top_logprobs
     out: list[Delta] = []
     sent, start = 0, 0  # characters released; first token not yet attached to a delta
     for i in range(1, len(toks) + 1):
@@ -51,10 +52,12 @@ def completion_deltas(tokenizer, index: int, completion: Completion) -> list[Del
             continue
         upto = min(len(text), len(final))
         if upto > sent and final.startswith(text[:upto]):
-            out.append(Delta(index, final[sent:upto], toks[start:i], lps[start:i] if lps else None))
+            out.append(Delta(index, final[sent:upto], toks[start:i], lps[start:i] if lps else None,
+                             top_logprobs=top[start:i] if top else None))
             sent, start = upto, i
     if sent < len(final) or start < len(toks) or not out:
-        out.append(Delta(index, final[sent:], toks[start:], lps[start:] if lps else None))
+        out.append(Delta(index, final[sent:], toks[start:], lps[start:] if lps else None,
+                         top_logprobs=top[start:] if top else None))
     out[-1].finish_reason = completion.finish_reason
     return out
 

@@ -38,7 +38,13 @@ def _key(job: "_Job") -> tuple:
     whole batch, so its answer would otherwise depend on which requests arrived beside it."""
     s = job.sampling
     alone = (id(job),) if s.seed is not None and not s.greedy else ()
-    return tuple(tuple(v) if isinstance(v, list) else v for v in astuple(s)) + alone
+    return tuple(_hashable(v) for v in astuple(s)) + alone
+
+
+def _hashable(value):
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    return tuple(value) if isinstance(value, list) else value
 
 
 class HFEngine:
@@ -52,6 +58,7 @@ class HFEngine:
         self.tokenizer = copy.deepcopy(backend.tokenizer)
         self.specs = backend.specs
         self.max_model_len = backend.max_model_len
+        self.vocab_size = backend.checkpoint.vocab_size
         self.encode = PromptEncoder(backend.checkpoint, backend.prompt_limit)
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch  # called with (requests, seconds) after each batch, from the worker thread

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
-from ...backends.vllm import engine_args, to_completion, to_request, to_sampling_params
+from ...backends.vllm import engine_args, step_logprobs, to_completion, to_request, to_sampling_params
 from ...backends.vllm_defaults import EngineOptions, apply_process_defaults
 from ...checkpoint import open_checkpoint
 from ...inputs import EncodedPrompt, InputError
@@ -38,6 +38,7 @@ class VLLMEngine:
         args = AsyncEngineArgs(**engine_args(self.checkpoint, options, disable_log_stats=True, **engine_kwargs))
         self.engine = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.engine.model_config.max_model_len
+        self.vocab_size = self.checkpoint.vocab_size
         self.encode = PromptEncoder(self.checkpoint, self.max_model_len - 1)  # room for one new token
 
     async def _outputs(self, encoded: EncodedPrompt, sampling: SamplingConfig, kind):
@@ -74,7 +75,7 @@ class VLLMEngine:
         async for out in self._outputs(encoded, sampling, RequestOutputKind.DELTA):
             for c in out.outputs:
                 toks = list(c.token_ids)
-                lps = [step[t].logprob for t, step in zip(toks, c.logprobs)] if sampling.logprobs and c.logprobs else None
+                lps, top = step_logprobs(toks, c.logprobs, sampling)
                 text = c.text
                 sent[c.index] = sent.get(c.index, "") + text
                 tokens.setdefault(c.index, []).extend(toks)
@@ -85,7 +86,7 @@ class VLLMEngine:
                     if final.text.startswith(sent[c.index]):
                         text += final.text[len(sent[c.index]):]
                     finish = final.finish_reason
-                yield Delta(c.index, text, toks, lps, finish)
+                yield Delta(c.index, text, toks, lps, finish, top)
 
     async def close(self) -> None:
         self.engine.shutdown()
