@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .backends import open_backend
 from .chat import render_messages
 from .inputs import EncodedPrompt, InputError, PreparedPrompt, prepare, user_text
+from .streaming import Delta
 from .sampling import Completion, SamplingConfig, check_room, check_token_ids, engine_sampling
 
 
@@ -74,6 +75,30 @@ class MultimodalPipeline:
         results = self.generate_completions(inputs, config)
         texts = [[c.text for c in cs] if config.n > 1 else cs[0].text for cs in results]
         return texts[0] if isinstance(inputs, Mapping) else texts
+
+    def stream(self, inputs: Mapping, max_tokens: int | None = None, *, max_new_tokens: int | None = None,
+               **sampling: Any) -> Iterator[str]:
+        """Generate text for one input dict, yielding it in pieces as it is generated; the pieces join to
+        what ``generate`` returns for the same input and options (``n`` must be 1)."""
+        config = self._sampling(max_tokens, max_new_tokens, sampling)
+        if config.n != 1:
+            raise InputError(f"n: stream yields one completion's text, got n={config.n}; use generate", "n")
+        for delta in self.stream_deltas(inputs, config):
+            if delta.text:
+                yield delta.text
+
+    def stream_deltas(self, inputs: Mapping, sampling: SamplingConfig) -> Iterator[Delta]:
+        """Full deltas (choice index, text, token ids, logprobs, finish reason) for one input, ``n`` choices."""
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"input: stream takes one dict, got {type(inputs).__name__}")
+        encoded = self.encode(inputs)
+        check_room(sampling, encoded.num_tokens, self.backend.max_model_len)
+        check_token_ids(sampling, self.backend.checkpoint.vocab_size)
+        deltas = self.backend.stream(encoded, engine_sampling(sampling))
+        if engine_sampling(sampling).n == sampling.n:
+            return deltas
+        # greedy n > 1 is generated once: each delta stands for every choice
+        return (dataclasses.replace(d, index=i) for d in deltas for i in range(sampling.n))
 
     @staticmethod
     def _sampling(max_tokens: int | None, max_new_tokens: int | None, fields: dict) -> SamplingConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from ..checkpoint import Checkpoint
@@ -20,6 +20,7 @@ from ..config import ConfigError, ModalitySpec
 from ..inputs import EncodedPrompt, PreparedPrompt
 from ..logs import status
 from ..sampling import Completion, SamplingConfig
+from ..streaming import Delta
 from .vllm_defaults import EngineOptions
 
 BACKENDS = ("auto", "hf", "vllm")
@@ -41,6 +42,10 @@ class Backend(Protocol):
     def encode(self, prepared: PreparedPrompt) -> EncodedPrompt: ...
 
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]: ...
+
+    def stream(self, prompt: EncodedPrompt, sampling: SamplingConfig) -> Iterator[Delta]:
+        """The ``n`` choices' text deltas as they are generated; joined, each equals the non-streamed text."""
+        ...
 
     def close(self) -> None: ...
 

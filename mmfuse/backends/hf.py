@@ -7,6 +7,9 @@ embeddings -> projected rows scattered over the placeholder positions (one
 from __future__ import annotations
 
 import os
+import queue
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 
@@ -20,7 +23,8 @@ from ..encoders import encode_items
 from ..inputs import EncodedPrompt, InputError, Item, PreparedPrompt
 from ..projectors import build_projectors, project_items
 from ..sampling import Completion, SamplingConfig, truncate_at_stop, visible_tokens
-from .hf_sampling import logits_processors, top_logprobs
+from ..streaming import Delta, TextDeltas
+from .hf_sampling import OnToken, StepTap, logits_processors, top_logprobs
 
 
 def merge_rows(embeds: torch.Tensor, input_ids: torch.Tensor, rows: Mapping[str, torch.Tensor],
@@ -173,8 +177,13 @@ class _FiniteScores:
 
 
 @torch.inference_mode()
-def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
+def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig,
+             on_token: OnToken | None = None) -> list[list[Completion]]:
     """Generate for a batch of encoded prompts at once (left padding); ``n`` completions each.
+
+    ``on_token(prompt, choice, token, logprob, top)``: called from the decoding loop for each token as
+    soon as it is chosen (``logprob``/``top`` None unless asked for), for streaming. A choice that
+    has ended gets padding tokens until the batch ends.
 
     A prompt whose projected rows or scores are not finite fails alone: the others are generated
     and returned in ``RequestsFailed.results`` (raised when any prompt failed).
@@ -192,7 +201,11 @@ def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: Sam
     if keep:
         rows = {name: torch.cat([projected[i][name] for i in keep if name in projected[i]])
                 for name in model.specs if any(name in projected[i] for i in keep)}
-        for i, r in zip(keep, _generate([prompts[i] for i in keep], rows, model, sampling, guard)):
+        tap = None
+        if on_token is not None:  # a row of this batch is choice row % n of kept prompt row // n
+            n = sampling.n
+            tap = StepTap(lambda row, *token: on_token(keep[row // n], row % n, *token), sampling)
+        for i, r in zip(keep, _generate([prompts[i] for i in keep], rows, model, sampling, guard, tap)):
             results[i] = r
     for row in guard.bad:
         failed[keep[row // sampling.n]] = ("the model's scores became NaN or Inf while generating (this request's "
@@ -203,7 +216,7 @@ def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: Sam
 
 
 def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor], model: MMFuseModel,
-              sampling: SamplingConfig, guard: _FiniteScores) -> list[list[Completion]]:
+              sampling: SamplingConfig, guard: _FiniteScores, tap: StepTap | None) -> list[list[Completion]]:
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = model.tokenizer
@@ -225,9 +238,10 @@ def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor]
         stop_strings=sampling.stop or None, return_dict_in_generate=True, output_logits=sampling.logprobs)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    processors = LogitsProcessorList([guard, *logits_processors(sampling, prompts, stop_ids, model.device)])
+    processors = LogitsProcessorList([*([tap] if tap else []), guard,
+                                      *logits_processors(sampling, prompts, stop_ids, model.device)])
     out = model.lm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=gen,
-                            logits_processor=processors, tokenizer=tok if sampling.stop else None)
+                            logits_processor=processors, tokenizer=tok if sampling.stop else None, streamer=tap)
     seqs = out.sequences  # [B * n, new]: with inputs_embeds only new tokens come back
     steps = None
     if sampling.logprobs:  # of the raw logits, before any processor (vLLM's default logprobs mode)
@@ -270,8 +284,38 @@ class HFBackend(CheckpointBackend):
         self.checkpoint = self.model.checkpoint
         self.max_model_len = self.prompt_limit = self.checkpoint.max_len
 
-    def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
-        return generate(self.model, prompts, sampling)
+    def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig,
+                 on_token: OnToken | None = None) -> list[list[Completion]]:
+        """``n`` completions per prompt; ``on_token`` sees each token as it is chosen (``generate``)."""
+        return generate(self.model, prompts, sampling, on_token)
+
+    def stream(self, prompt: EncodedPrompt, sampling: SamplingConfig) -> Iterator[Delta]:
+        """The ``n`` choices' deltas as tokens are generated (on a worker thread); their texts join to the
+        non-streamed ones. A stream abandoned early lets its batch run to the end."""
+        stop_ids = self.checkpoint.eos_token_ids | set(sampling.stop_token_ids)
+        texts = [TextDeltas(self.tokenizer, sampling, stop_ids, i) for i in range(sampling.n)]
+        events: queue.Queue = queue.Queue()
+
+        def on_token(_prompt, choice, token, logprob, top):
+            delta = texts[choice].push(token, logprob, top)
+            if delta is not None:
+                events.put(delta)
+
+        def run():
+            try:
+                events.put(generate(self.model, [prompt], sampling, on_token)[0])
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+                events.put(e)
+
+        threading.Thread(target=run, name="mmfuse-hf-stream", daemon=True).start()
+        while isinstance(item := events.get(), Delta):
+            yield item
+        if isinstance(item, RequestsFailed):
+            raise InputError(item.failed[0]) from None
+        if isinstance(item, BaseException):
+            raise item
+        for text, completion in zip(texts, item):
+            yield text.finish(completion)
 
     def close(self) -> None:
         """Nothing to stop: the model is freed with this object."""

@@ -15,12 +15,15 @@ gets the prompt's ids prepended (``WithPrompt``).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from ..inputs import EncodedPrompt
 from ..sampling import SamplingConfig
+
+# on_token(prompt, choice, token, logprob, top): a token just chosen (logprob and top None unless asked)
+OnToken = Callable[[int, int, int, "float | None", "dict[int, float] | None"], None]
 
 
 class OutputPenalties:
@@ -75,6 +78,37 @@ def logits_processors(sampling: SamplingConfig, prompts: Sequence[EncodedPrompt]
     if sampling.presence_penalty or sampling.frequency_penalty:
         out.append(OutputPenalties(sampling.presence_penalty, sampling.frequency_penalty))
     return out
+
+
+class StepTap:
+    """Hands ``on_row(row, token, logprob, top)`` each row's token as soon as a decoding step has chosen it.
+    It is the first logits processor (so it sees the raw logits, whose logprobs are returned, as vLLM's)
+    and generate's streamer (called once the step's tokens are chosen)."""
+
+    def __init__(self, on_row, sampling: SamplingConfig):
+        self.on_row, self.sampling = on_row, sampling
+        self.raw: torch.Tensor | None = None  # [B * n, V] logprobs of the current step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.sampling.logprobs:
+            self.raw = scores.float().log_softmax(-1)
+        return scores
+
+    def put(self, tokens: torch.Tensor) -> None:
+        if tokens.dim() != 1:  # generate's first call hands over the prompt ids (none: it starts from embeddings)
+            return
+        ids = tokens.tolist()
+        lps: list = [None] * len(ids)
+        top: list = [None] * len(ids)
+        if self.raw is not None:
+            lps = self.raw.gather(-1, tokens.to(self.raw.device).unsqueeze(-1)).squeeze(-1).tolist()
+            if self.sampling.top_logprobs:
+                top = top_logprobs(self.raw, self.sampling.top_logprobs)
+        for row, (t, lp, tp) in enumerate(zip(ids, lps, top)):
+            self.on_row(row, t, lp, tp)
+
+    def end(self) -> None:
+        pass
 
 
 def top_logprobs(logprobs: torch.Tensor, k: int) -> list[dict[int, float]]:

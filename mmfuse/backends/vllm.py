@@ -17,14 +17,17 @@ import atexit
 import gc
 import os
 import time
+import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..inputs import EncodedPrompt
 from ..logs import status, verbose
 from ..sampling import Completion, SamplingConfig, truncate_at_stop, visible_tokens
+from ..streaming import Delta, TextDeltas
 from . import CheckpointBackend
 from .vllm_defaults import EngineOptions, apply_process_defaults, check_can_spawn, offline_engine_core
 
@@ -146,6 +149,44 @@ class VLLMBackend(CheckpointBackend):
         """``n`` completions per prompt, in prompt order."""
         return [[to_completion(c, self.tokenizer, sampling) for c in out.outputs]
                 for out in self.generate_outputs(prompts, sampling)]
+
+    def stream(self, prompt: EncodedPrompt, sampling: SamplingConfig) -> Iterator[Delta]:
+        """The ``n`` choices' deltas as the engine generates them (its step loop, driven from here); their
+        texts join to the non-streamed ones. Closing the iterator early aborts the request."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        params = to_sampling_params(sampling)
+        params.output_kind = RequestOutputKind.DELTA  # only each step's new tokens
+        stop_ids = self.checkpoint.eos_token_ids | set(sampling.stop_token_ids)
+        texts = [TextDeltas(self.tokenizer, sampling, stop_ids, i) for i in range(sampling.n)]
+        (engine_input,) = engine.renderer.render_cmpl([to_request(prompt)])
+        request_id = uuid.uuid4().hex  # outputs carry the id given here (the engine keeps its own internally)
+        engine.add_request(request_id, engine_input, params)
+        tokens: dict[int, list] = {i: [] for i in range(sampling.n)}
+        steps: dict[int, list] = {i: [] for i in range(sampling.n)}
+        done = False
+        try:
+            while not done and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.request_id != request_id:
+                        continue
+                    for c in out.outputs:
+                        lps, top = step_logprobs(c.token_ids, c.logprobs, sampling)
+                        tokens[c.index] += c.token_ids
+                        steps[c.index] += c.logprobs or []
+                        for j, t in enumerate(c.token_ids):
+                            delta = texts[c.index].push(t, lps[j] if lps else None, top[j] if top else None)
+                            if delta is not None:
+                                yield delta
+                        if c.finish_reason is not None:
+                            whole = SimpleNamespace(token_ids=tokens[c.index], finish_reason=c.finish_reason,
+                                                    logprobs=steps[c.index] or None)
+                            yield texts[c.index].finish(to_completion(whole, self.tokenizer, sampling))
+                    done = out.finished
+        finally:
+            if not done:
+                engine.abort_request([request_id])
 
     def close(self) -> None:
         """Stop the engine now (idempotent)."""
