@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .backends import open_backend
-from .chat import render_messages
+from .chat import ChatOptions, read_chat_template, render_messages
 from .inputs import EncodedPrompt, InputError, PreparedPrompt, prepare, user_text
 from .streaming import Delta
 from .sampling import Completion, SamplingConfig, check_room, check_token_ids, engine_sampling
@@ -23,13 +23,20 @@ class MultimodalPipeline:
     ``backend``: ``"hf"`` (transformers), ``"vllm"``, or ``"auto"`` (vLLM when importable).
     Backend options are passed through: ``device``, ``dtype`` (both); for vLLM ``max_model_len``,
     ``kv_cache_gb`` / ``gpu_memory_utilization``, ``tensor_parallel_size`` and any other
-    ``vllm.LLM`` argument.
+    ``vllm.LLM`` argument. ``chat_template``: a Jinja chat template (text or file path) for
+    ``messages`` instead of the tokenizer's own.
+
+    A request dict with ``messages`` may also carry ``chat_template_kwargs`` (e.g.
+    ``{"enable_thinking": False}``), ``add_generation_prompt`` and ``continue_final_message``
+    (``chat.ChatOptions``).
     """
 
-    def __init__(self, model: str | os.PathLike, backend: str = "auto", **options: Any):
+    def __init__(self, model: str | os.PathLike, backend: str = "auto", *, chat_template: str | None = None,
+                 **options: Any):
         self.backend = open_backend(model, backend, **options)
         self.specs = self.backend.specs
         self.tokenizer = self.backend.tokenizer
+        self.chat_template = None if chat_template is None else read_chat_template(chat_template, self.tokenizer)
 
     def prepare(self, request: Mapping) -> PreparedPrompt:
         """Validate one request dict (``text`` or ``messages``, plus ``multimodal_data``)."""
@@ -43,7 +50,10 @@ class MultimodalPipeline:
         if not isinstance(allow, bool):
             raise InputError(f"allow_special_tokens: expected True or False, got {type(allow).__name__}")
         if "messages" in request:
-            text, embeddings = render_messages(request["messages"], self.tokenizer, self.specs, embeddings, allow)
+            options = ChatOptions(self.chat_template, request.get("chat_template_kwargs") or {},
+                                  request.get("add_generation_prompt"), request.get("continue_final_message", False))
+            text, embeddings = render_messages(request["messages"], self.tokenizer, self.specs, embeddings, allow,
+                                               options)
         elif "text" in request:
             text = user_text("text", request["text"], self.tokenizer, self.specs, allow)
         else:

@@ -27,6 +27,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MMFUSE_API_KEY; unset = open)")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS)
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: CKPT as given)")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="Jinja chat template for /v1/chat/completions, a file or the text itself (default: the "
+                        "tokenizer's)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this")
     lim.add_argument("--max-items-per-modality", type=int, default=None,

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WrapValidator
 from pydantic_core import PydanticCustomError
 
+from ..chat import MAX_TEMPLATE_KWARGS
 from ..sampling import (INT32_MAX, LOGIT_BIAS_MAX, MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
                         MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS, PENALTY_MAX, SEED_MAX)
 
@@ -179,6 +180,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False  # the chosen tokens' logprobs
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # and this many alternatives
     multimodal_embeddings: EmbeddingMap | None = None  # for placeholders written as text
+    # vLLM's chat extensions (mmfuse.chat.ChatOptions): template variables, and how the prompt ends
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_KWARGS)] | None = None
+    add_generation_prompt: bool | None = None  # None: true unless continue_final_message
+    continue_final_message: bool = False
 
 
 class CompletionRequest(_Sampling):

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel
 
-from ..chat import render_messages
+from ..chat import ChatOptions, read_chat_template, render_messages
 from ..inputs import EncodedPrompt, InputError, prepare, user_text
 from ..sampling import Completion, SamplingConfig, check_room, check_token_ids, engine_sampling
 from . import parts
@@ -63,6 +63,9 @@ class Serving:
         self.specs = {n: dataclasses.replace(s, max_items=min(s.max_items, cap or s.max_items))
                       for n, s in engine.specs.items()}
         self.media = parts.modality_media(self.specs)  # what each modality takes as raw media
+        # --chat-template, read and test-rendered once (a ConfigError stops the server before it serves)
+        self.chat_template = (read_chat_template(settings.chat_template, engine.tokenizer)
+                              if settings.chat_template is not None else None)
         self._media_threads = ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="mmfuse-media")
         self.in_flight = 0
         self.closing = False
@@ -164,10 +167,12 @@ class Serving:
             messages = [{"role": m.role, "content": self._content(i, m.content, media)}
                         for i, m in enumerate(req.messages)]
             extra = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
+            options = ChatOptions(self.chat_template, req.chat_template_kwargs or {}, req.add_generation_prompt,
+                                  req.continue_final_message)
             text, items = render_messages(messages, self.engine.tokenizer, self.specs, extra,
-                                          req.allow_special_tokens)
+                                          req.allow_special_tokens, options)
         except InputError as e:
-            raise APIError(400, str(e), "messages", "input_error") from None
+            raise APIError(400, str(e), e.param or "messages", "input_error") from None
         return await self._finish(text, items, "messages", sampling, req,
                                   (req.max_completion_tokens or req.max_tokens) is not None)
 

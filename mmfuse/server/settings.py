@@ -17,6 +17,7 @@ class ServerSettings:
 
     model: str  # checkpoint directory or hub id
     served_model_name: str | None = None  # the id clients send as `model`; None = `model` as given
+    chat_template: str | None = None  # a Jinja chat template (file path or text) instead of the tokenizer's
     backend: str = "auto"  # auto: vLLM when importable, else transformers
     host: str = "127.0.0.1"  # loopback by default: exposing a server is an explicit choice
     port: int = 8000
