@@ -8,6 +8,7 @@ number, no string to number, an int field takes no 2.5); ranges are below.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ LOGIT_BIAS_MAX = 100.0  # |bias| per token (OpenAI's range; vLLM clamps to it)
 MAX_LOGIT_BIAS = 1024   # tokens in one logit_bias map
 MAX_STOP_TOKEN_IDS = 64  # stop_token_ids per request
 MAX_TOP_LOGPROBS = 20   # alternatives per position (OpenAI's cap, vLLM's default max_logprobs)
+MAX_SCHEMA_CHARS = 65536  # a response_format JSON schema, serialized (grammar compilation grows with it)
 
 
 def _fail(name: str, message: str):
@@ -121,6 +123,41 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+@dataclass(frozen=True)
+class ResponseFormat:
+    """The answer must be JSON: any JSON object (``json_object``) or one valid against ``schema``
+    (``json_schema``). ``parse`` takes OpenAI's ``response_format`` object."""
+
+    type: str  # "json_object" or "json_schema"
+    schema: str | None = None  # the JSON schema as canonical JSON text (hashable; what engines take)
+
+    @classmethod
+    def parse(cls, value: object) -> "ResponseFormat | None":
+        """None, a ``ResponseFormat``, or OpenAI's ``{"type": "text" | "json_object" | "json_schema", ...}``
+        (``json_schema``: ``{"json_schema": {"name": ..., "schema": {...}, "strict": ...}}``)."""
+        if value is None or isinstance(value, ResponseFormat):
+            return value
+        if not isinstance(value, Mapping) or value.get("type") not in ("text", "json_object", "json_schema"):
+            _fail("response_format", "expected {'type': 'text' | 'json_object' | 'json_schema', ...}")
+        kind = value["type"]
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls("json_object")
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if not isinstance(schema, Mapping):
+            _fail("response_format.json_schema.schema", "expected a JSON schema object")
+        try:
+            text = json.dumps(schema, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            _fail("response_format.json_schema.schema", f"not JSON: {e}")
+        if len(text) > MAX_SCHEMA_CHARS:
+            _fail("response_format.json_schema.schema", f"expected at most {MAX_SCHEMA_CHARS} characters of JSON, "
+                                                        f"got {len(text)}")
+        return cls("json_schema", text)
+
+
 @dataclass
 class SamplingConfig:
     """What to generate. Greedy when ``temperature == 0``. The fields and their meaning are vLLM's
@@ -135,8 +172,9 @@ class SamplingConfig:
     ``stop_token_ids`` up to 64 token ids, ``n`` int in [1, 256], ``presence_penalty`` and
     ``frequency_penalty`` in [-2, 2], ``repetition_penalty`` in (0, 2], ``min_tokens`` int in
     [0, max_tokens], ``logit_bias`` {token id: bias in [-100, 100]} (up to 1024 tokens), ``logprobs``
-    a bool, ``top_logprobs`` int in [0, 20] (needs ``logprobs``). Token ids are checked against the
-    model's vocabulary once it is known (``check_token_ids``).
+    a bool, ``top_logprobs`` int in [0, 20] (needs ``logprobs``), ``response_format`` a ``ResponseFormat``
+    or OpenAI's object. Token ids are checked against the model's vocabulary once it is known
+    (``check_token_ids``).
     """
 
     max_tokens: int = 64
@@ -155,6 +193,7 @@ class SamplingConfig:
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the token's logit before the penalties
     logprobs: bool = False  # return the chosen tokens' logprobs (of the raw model distribution, as vLLM)
     top_logprobs: int = 0  # and this many most likely alternatives per position
+    response_format: ResponseFormat | None = None  # constrain the answer to JSON (a grammar over the tokens)
 
     def __post_init__(self) -> None:
         self.max_tokens = check_int("max_tokens", self.max_tokens, 1, INT32_MAX)
@@ -181,6 +220,7 @@ class SamplingConfig:
         self.top_logprobs = check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
             _fail("top_logprobs", "needs logprobs=True")
+        self.response_format = ResponseFormat.parse(self.response_format)
 
     @classmethod
     def from_fields(cls, **fields: object) -> "SamplingConfig":

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from conftest import KEY, SERVER_ARGS
+from conftest import KEY
 import torch
 
 from mmfuse.bench.serve_load import make_bodies, run_load, start_server

@@ -24,7 +24,7 @@ from ..inputs import EncodedPrompt, InputError, Item, PreparedPrompt
 from ..projectors import build_projectors, project_items
 from ..sampling import Completion, SamplingConfig, truncate_at_stop, visible_tokens
 from ..streaming import Delta, TextDeltas
-from .hf_sampling import OnToken, StepTap, logits_processors, top_logprobs
+from .hf_sampling import OnToken, StepTap, compile_json, grammar_compiler, logits_processors, top_logprobs
 
 
 def merge_rows(embeds: torch.Tensor, input_ids: torch.Tensor, rows: Mapping[str, torch.Tensor],
@@ -56,6 +56,7 @@ class MMFuseModel(nn.Module):
         self.max_len = checkpoint.max_len
         self.eos_token_ids = checkpoint.eos_token_ids
         self.mm_projectors = build_projectors(self.specs, lm.config.get_text_config().hidden_size)
+        self.grammar_compiler = None  # xgrammar's, made on the first response_format request (hf_sampling)
 
     @property
     def device(self) -> torch.device:
@@ -189,6 +190,11 @@ def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: Sam
     and returned in ``RequestsFailed.results`` (raised when any prompt failed).
     """
     failed: dict[int, str] = {}
+    grammar = None
+    if sampling.response_format is not None:  # compiled before any work: a schema it refuses is the caller's
+        if model.grammar_compiler is None:
+            model.grammar_compiler = grammar_compiler(model.checkpoint)
+        grammar = compile_json(model.grammar_compiler, sampling.response_format)
     projected = [model.project(p.items) for p in prompts]  # per prompt, so that a bad one fails alone
     for i, rows in enumerate(projected):
         bad = next((name for name, r in rows.items() if not torch.isfinite(r).all()), None)
@@ -205,7 +211,7 @@ def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: Sam
         if on_token is not None:  # a row of this batch is choice row % n of kept prompt row // n
             n = sampling.n
             tap = StepTap(lambda row, *token: on_token(keep[row // n], row % n, *token), sampling)
-        for i, r in zip(keep, _generate([prompts[i] for i in keep], rows, model, sampling, guard, tap)):
+        for i, r in zip(keep, _generate([prompts[i] for i in keep], rows, model, sampling, guard, tap, grammar)):
             results[i] = r
     for row in guard.bad:
         failed[keep[row // sampling.n]] = ("the model's scores became NaN or Inf while generating (this request's "
@@ -216,7 +222,7 @@ def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: Sam
 
 
 def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor], model: MMFuseModel,
-              sampling: SamplingConfig, guard: _FiniteScores, tap: StepTap | None) -> list[list[Completion]]:
+              sampling: SamplingConfig, guard: _FiniteScores, tap: StepTap | None, grammar) -> list[list[Completion]]:
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = model.tokenizer
@@ -239,7 +245,7 @@ def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor]
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     processors = LogitsProcessorList([*([tap] if tap else []), guard,
-                                      *logits_processors(sampling, prompts, stop_ids, model.device)])
+                                      *logits_processors(sampling, prompts, stop_ids, model.device, grammar)])
     out = model.lm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=gen,
                             logits_processor=processors, tokenizer=tok if sampling.stop else None, streamer=tap)
     seqs = out.sequences  # [B * n, new]: with inputs_embeds only new tokens come back

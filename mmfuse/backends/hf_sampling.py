@@ -9,6 +9,10 @@ group from transformers' own processors (``MinNewTokensLengthLogitsProcessor``,
 processors before its warpers, which ``GenerationConfig`` builds (temperature, top_k, top_p,
 min_p). Greedy answers therefore equal vLLM's with the same fields.
 
+``response_format`` is a grammar over the tokens, compiled by xgrammar exactly as vLLM's
+xgrammar backend compiles it (compact JSON), and applied first, as vLLM masks the logits
+before its sampler (``JSONGrammar``).
+
 Generation starts from ``inputs_embeds``, so transformers' ``input_ids`` hold only the
 generated tokens: the repetition penalty, which vLLM applies to prompt and output tokens,
 gets the prompt's ids prepended (``WithPrompt``).
@@ -19,8 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from ..inputs import EncodedPrompt
-from ..sampling import SamplingConfig
+from ..inputs import EncodedPrompt, InputError
+from ..sampling import ResponseFormat, SamplingConfig
 
 # on_token(prompt, choice, token, logprob, top): a token just chosen (logprob and top None unless asked)
 OnToken = Callable[[int, int, int, "float | None", "dict[int, float] | None"], None]
@@ -58,15 +62,69 @@ def prompt_ids(prompts: Sequence[EncodedPrompt], n: int, device) -> torch.Tensor
     return torch.tensor(rows, device=device).repeat_interleave(n, dim=0)
 
 
+class JSONGrammar:
+    """Masks every token the JSON grammar does not allow next, per row (xgrammar's matcher). A row that
+    ended (EOS, a stop token or string: transformers then feeds it padding) is left alone."""
+
+    def __init__(self, compiled, rows: int):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
+        self.ended = [False] * rows
+        self.bitmask = xgr.allocate_token_bitmask(rows, compiled.tokenizer_info.vocab_size)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # input_ids: [rows, generated so far]; the last column is the token chosen at the previous step
+        live = []
+        for row, matcher in enumerate(self.matchers):
+            if input_ids.shape[1] and not self.ended[row]:
+                # a token the grammar refuses came from outside it: the row has ended (padding)
+                self.ended[row] = matcher.is_terminated() or not matcher.accept_token(int(input_ids[row, -1]))
+            if not self.ended[row] and not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(self.bitmask, row)
+                live.append(row)
+        if live:
+            masked = scores.float().cpu()
+            self.xgr.apply_token_bitmask_inplace(masked, self.bitmask, indices=live)
+            scores = masked.to(scores.device, scores.dtype)
+        return scores
+
+
+def grammar_compiler(checkpoint):
+    """An xgrammar compiler for the checkpoint's tokenizer, as vLLM's xgrammar backend makes it (the
+    grammar ends on the checkpoint's EOS ids)."""
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        raise InputError("response_format: the transformers backend constrains answers with xgrammar, which "
+                         "is not installed (pip install xgrammar)", "response_format") from None
+    info = xgr.TokenizerInfo.from_huggingface(checkpoint.tokenizer, vocab_size=checkpoint.vocab_size,
+                                              stop_token_ids=sorted(checkpoint.eos_token_ids))
+    return xgr.GrammarCompiler(info, cache_enabled=True)
+
+
+def compile_json(compiler, fmt: ResponseFormat):
+    """vLLM's xgrammar compilation of a response format, compact (``vllm.structured_outputs_config``)."""
+    try:
+        return compiler.compile_json_schema(fmt.schema or '{"type": "object"}', any_whitespace=False,
+                                            separators=(",", ":"))
+    except RuntimeError as e:  # xgrammar's refusal of a schema it cannot turn into a grammar
+        raise InputError(f"response_format.json_schema.schema: {e}", "response_format") from None
+
+
 def logits_processors(sampling: SamplingConfig, prompts: Sequence[EncodedPrompt], stop_ids: Iterable[int],
-                      device) -> list:
+                      device, grammar=None) -> list:
     """The processors vLLM applies before temperature, for ``sampling``'s fields that are set.
 
-    ``stop_ids``: the EOS ids plus ``stop_token_ids``, which ``min_tokens`` holds back."""
+    ``stop_ids``: the EOS ids plus ``stop_token_ids``, which ``min_tokens`` holds back.
+    ``grammar``: the compiled ``response_format`` grammar, if any."""
     from transformers import (MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
                               SequenceBiasLogitsProcessor)
 
     out = []
+    if grammar is not None:
+        out.append(JSONGrammar(grammar, len(prompts) * sampling.n))
     if sampling.min_tokens:
         # prompt_length_to_skip=0: input_ids hold only the generated tokens
         out.append(MinNewTokensLengthLogitsProcessor(0, sampling.min_tokens, sorted(stop_ids), device=device))

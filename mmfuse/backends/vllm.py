@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import json
 import os
 import time
 import uuid
@@ -24,7 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..inputs import EncodedPrompt
+from ..inputs import EncodedPrompt, InputError
 from ..logs import status, verbose
 from ..sampling import Completion, SamplingConfig, truncate_at_stop, visible_tokens
 from ..streaming import Delta, TextDeltas
@@ -42,8 +43,18 @@ def engine_args(checkpoint: Checkpoint, options: EngineOptions, **engine_kwargs:
     if current_platform.is_cpu():
         args["enforce_eager"] = True  # graph capture only costs time on CPU
     args.update(options.memory_args(current_platform.is_cpu()))
+    args["structured_outputs_config"] = structured_outputs_config()
     args.update(engine_kwargs)
     return args
+
+
+def structured_outputs_config():
+    """response_format through xgrammar, with compact JSON: left free to put whitespace between tokens, a
+    small or untrained model can spend every token on it and never close the object (measured on the tiny
+    test models); the answer is the same JSON either way."""
+    from vllm.config import StructuredOutputsConfig
+
+    return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
 
 
 def _describe(args: dict[str, Any]) -> str:
@@ -70,8 +81,14 @@ def to_sampling_params(sampling: SamplingConfig):
     """``SamplingConfig`` -> ``vllm.SamplingParams`` (the same fields; logprobs of the chosen tokens
     plus ``top_logprobs`` alternatives, when asked)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
-    return SamplingParams(n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+    structured = None
+    if sampling.response_format is not None:
+        fmt = sampling.response_format
+        structured = (StructuredOutputsParams(json_object=True) if fmt.schema is None
+                      else StructuredOutputsParams(json=json.loads(fmt.schema)))
+    return SamplingParams(structured_outputs=structured, n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                           top_p=sampling.top_p, top_k=sampling.top_k,  # 0 = off in both
                           min_p=sampling.min_p, seed=sampling.seed, stop=list(sampling.stop) or None,
                           stop_token_ids=list(sampling.stop_token_ids) or None,
@@ -79,6 +96,15 @@ def to_sampling_params(sampling: SamplingConfig):
                           repetition_penalty=sampling.repetition_penalty, min_tokens=sampling.min_tokens,
                           logit_bias=dict(sampling.logit_bias) or None,
                           logprobs=sampling.top_logprobs if sampling.logprobs else None)
+
+
+def refused(error, sampling: SamplingConfig) -> InputError:
+    """vLLM's ``VLLMValidationError`` for a request as the ``InputError`` it is (the caller's to fix), naming
+    the field: vLLM's own, or ``response_format`` when its grammar could not be built from the schema."""
+    param = getattr(error, "parameter", None)
+    if param is None and sampling.response_format is not None and "schema" in str(error):
+        param = "response_format"
+    return InputError(f"{param}: {error}" if param else str(error), param)
 
 
 def step_logprobs(token_ids: Sequence[int], steps, sampling: SamplingConfig
@@ -143,7 +169,12 @@ class VLLMBackend(CheckpointBackend):
 
     def generate_outputs(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list:
         """vLLM's own ``RequestOutput`` per prompt (with e.g. ``num_cached_tokens``)."""
-        return self.llm.generate([to_request(p) for p in prompts], to_sampling_params(sampling), use_tqdm=False)
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            return self.llm.generate([to_request(p) for p in prompts], to_sampling_params(sampling), use_tqdm=False)
+        except VLLMValidationError as e:
+            raise refused(e, sampling) from None
 
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
         """``n`` completions per prompt, in prompt order."""
@@ -160,9 +191,14 @@ class VLLMBackend(CheckpointBackend):
         params.output_kind = RequestOutputKind.DELTA  # only each step's new tokens
         stop_ids = self.checkpoint.eos_token_ids | set(sampling.stop_token_ids)
         texts = [TextDeltas(self.tokenizer, sampling, stop_ids, i) for i in range(sampling.n)]
+        from vllm.exceptions import VLLMValidationError
+
         (engine_input,) = engine.renderer.render_cmpl([to_request(prompt)])
         request_id = uuid.uuid4().hex  # outputs carry the id given here (the engine keeps its own internally)
-        engine.add_request(request_id, engine_input, params)
+        try:
+            engine.add_request(request_id, engine_input, params)
+        except VLLMValidationError as e:
+            raise refused(e, sampling) from None
         tokens: dict[int, list] = {i: [] for i in range(sampling.n)}
         steps: dict[int, list] = {i: [] for i in range(sampling.n)}
         done = False

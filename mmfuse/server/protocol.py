@@ -145,6 +145,13 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormatSpec(_Strict):
+    """OpenAI's response_format; ``json_schema`` is ``{"name", "schema", "strict", "description"}``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class _Sampling(_Strict):
     """Fields shared by both endpoints. ``max_tokens`` None = the server's default."""
 
@@ -172,6 +179,7 @@ class _Sampling(_Strict):
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]],
                               Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    response_format: ResponseFormatSpec | None = None  # JSON answers (both endpoints, as vLLM)
 
 
 class ChatCompletionRequest(_Sampling):

@@ -105,7 +105,8 @@ class Serving:
                 min_p=req.min_p, seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids, n=req.n,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
-                logit_bias=_token_keys(req.logit_bias), logprobs=logprobs, top_logprobs=top_logprobs)
+                logit_bias=_token_keys(req.logit_bias), logprobs=logprobs, top_logprobs=top_logprobs,
+                response_format=req.response_format.model_dump() if req.response_format else None)
             check_token_ids(sampling, self.engine.vocab_size)
             return sampling
         except InputError as e:
@@ -261,7 +262,7 @@ class Serving:
         try:
             completions = await self.engine.generate(job.encoded, engine_sampling(job.sampling))
         except InputError as e:  # the engine's own parameter checks
-            raise APIError(400, str(e), None, "input_error") from None
+            raise APIError(400, str(e), e.param, "input_error") from None
         finally:
             self._release()
         if len(completions) < job.sampling.n:  # greedy n > 1: identical copies
@@ -281,7 +282,7 @@ class Serving:
             first = None
         except InputError as e:
             self._release()
-            raise APIError(400, str(e), None, "input_error") from None
+            raise APIError(400, str(e), e.param, "input_error") from None
         except BaseException:
             self._release()
             raise

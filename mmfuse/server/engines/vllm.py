@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
-from ...backends.vllm import engine_args, step_logprobs, to_completion, to_request, to_sampling_params
+from ...backends.vllm import engine_args, refused, step_logprobs, to_completion, to_request, to_sampling_params
 from ...backends.vllm_defaults import EngineOptions, apply_process_defaults
 from ...checkpoint import open_checkpoint
-from ...inputs import EncodedPrompt, InputError
+from ...inputs import EncodedPrompt
 from ...logs import status
 from ...sampling import Completion, SamplingConfig
 from . import Delta, PromptEncoder
@@ -52,7 +52,7 @@ class VLLMEngine:
             outputs = self.engine.generate(engine_input, params, request_id=uuid.uuid4().hex)
             first = await anext(outputs)
         except VLLMValidationError as e:  # a request vLLM refuses is the client's to fix
-            raise InputError(str(e)) from None
+            raise refused(e, sampling) from None
         yield first
         async for out in outputs:
             yield out
