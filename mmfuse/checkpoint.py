@@ -149,6 +149,11 @@ class Checkpoint:
         return self.config.get("text_config", self.config)["hidden_size"]
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the LM's output layer: the token ids it can score (``logit_bias``, ``stop_token_ids``)."""
+        return self.config.get("text_config", self.config)["vocab_size"]
+
+    @property
     def base_architecture(self) -> str:
         return base_architecture((self.config.get("architectures") or ["?"])[0])
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .backends import open_backend
-from .chat import render_messages
+from .chat import ChatOptions, read_chat_template, render_messages
 from .inputs import EncodedPrompt, InputError, PreparedPrompt, prepare, user_text
-from .sampling import Completion, SamplingConfig, check_room, engine_sampling
+from .streaming import Delta
+from .sampling import Completion, SamplingConfig, check_room, check_token_ids, engine_sampling
 
 
 class MultimodalPipeline:
@@ -22,17 +23,24 @@ class MultimodalPipeline:
     ``backend``: ``"hf"`` (transformers), ``"vllm"``, or ``"auto"`` (vLLM when importable).
     Backend options are passed through: ``device``, ``dtype``, ``lora`` (both); for vLLM
     ``max_model_len``, ``kv_cache_gb`` / ``gpu_memory_utilization``, ``tensor_parallel_size``,
-    ``pipeline_parallel_size`` and any other ``vllm.LLM`` argument.
+    ``pipeline_parallel_size`` and any other ``vllm.LLM`` argument. ``chat_template``: a Jinja chat
+    template (text or file path) for ``messages`` instead of the tokenizer's own.
 
     ``lora``: LoRA adapters over the checkpoint's LM, ``{name: adapter directory}`` (or one directory,
     named after it). A request runs with the adapter its ``"lora"`` field names, else the one given to
     ``generate(..., lora=NAME)``, else none; requests with different adapters share one batch.
+
+    A request dict with ``messages`` may also carry ``chat_template_kwargs`` (e.g.
+    ``{"enable_thinking": False}``), ``add_generation_prompt`` and ``continue_final_message``
+    (``chat.ChatOptions``).
     """
 
-    def __init__(self, model: str | os.PathLike, backend: str = "auto", **options: Any):
+    def __init__(self, model: str | os.PathLike, backend: str = "auto", *, chat_template: str | None = None,
+                 **options: Any):
         self.backend = open_backend(model, backend, **options)
         self.specs = self.backend.specs
         self.tokenizer = self.backend.tokenizer
+        self.chat_template = None if chat_template is None else read_chat_template(chat_template, self.tokenizer)
 
     def prepare(self, request: Mapping) -> PreparedPrompt:
         """Validate one request dict (``text`` or ``messages``, plus ``multimodal_data``)."""
@@ -46,7 +54,10 @@ class MultimodalPipeline:
         if not isinstance(allow, bool):
             raise InputError(f"allow_special_tokens: expected True or False, got {type(allow).__name__}")
         if "messages" in request:
-            text, embeddings = render_messages(request["messages"], self.tokenizer, self.specs, embeddings, allow)
+            options = ChatOptions(self.chat_template, request.get("chat_template_kwargs") or {},
+                                  request.get("add_generation_prompt"), request.get("continue_final_message", False))
+            text, embeddings = render_messages(request["messages"], self.tokenizer, self.specs, embeddings, allow,
+                                               options)
         elif "text" in request:
             text = user_text("text", request["text"], self.tokenizer, self.specs, allow)
         else:
@@ -71,26 +82,54 @@ class MultimodalPipeline:
         encoded = [self.encode(r, lora) for r in batch]
         for e in encoded:  # max_tokens must fit after each prompt
             check_room(sampling, e.num_tokens, self.backend.max_model_len)
+        check_token_ids(sampling, self.backend.checkpoint.vocab_size)
         results = self.backend.generate(encoded, engine_sampling(sampling))
         return [cs if len(cs) == sampling.n else [dataclasses.replace(cs[0]) for _ in range(sampling.n)]
                 for cs in results]
 
     def generate(self, inputs: Mapping | Sequence[Mapping], max_tokens: int | None = None, *,
-                 max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: str | list[str] | None = None, n: int = 1,
-                 lora: str | None = None) -> Any:
+                 max_new_tokens: int | None = None, lora: str | None = None, **sampling: Any) -> Any:
         """Generate text. One dict in -> a str (a list of n str when n > 1); a list in -> a list of those.
 
+        ``sampling``: any ``SamplingConfig`` field (``temperature``, ``top_p``, ``seed``, ``stop``, ``n``,
+        ``presence_penalty``, ``logit_bias``, ...); an unknown name is an ``InputError`` naming it.
         ``lora``: the adapter for inputs that name none themselves (their ``"lora"`` field)."""
+        config = self._sampling(max_tokens, max_new_tokens, sampling)
+        results = self.generate_completions(inputs, config, lora)
+        texts = [[c.text for c in cs] if config.n > 1 else cs[0].text for cs in results]
+        return texts[0] if isinstance(inputs, Mapping) else texts
+
+    def stream(self, inputs: Mapping, max_tokens: int | None = None, *, max_new_tokens: int | None = None,
+               lora: str | None = None, **sampling: Any) -> Iterator[str]:
+        """Generate text for one input dict, yielding it in pieces as it is generated; the pieces join to
+        what ``generate`` returns for the same input and options (``n`` must be 1)."""
+        config = self._sampling(max_tokens, max_new_tokens, sampling)
+        if config.n != 1:
+            raise InputError(f"n: stream yields one completion's text, got n={config.n}; use generate", "n")
+        for delta in self.stream_deltas(inputs, config, lora):
+            if delta.text:
+                yield delta.text
+
+    def stream_deltas(self, inputs: Mapping, sampling: SamplingConfig, lora: str | None = None) -> Iterator[Delta]:
+        """Full deltas (choice index, text, token ids, logprobs, finish reason) for one input, ``n`` choices."""
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"input: stream takes one dict, got {type(inputs).__name__}")
+        encoded = self.encode(inputs, lora)
+        check_room(sampling, encoded.num_tokens, self.backend.max_model_len)
+        check_token_ids(sampling, self.backend.checkpoint.vocab_size)
+        deltas = self.backend.stream(encoded, engine_sampling(sampling))
+        if engine_sampling(sampling).n == sampling.n:
+            return deltas
+        # greedy n > 1 is generated once: each delta stands for every choice
+        return (dataclasses.replace(d, index=i) for d in deltas for i in range(sampling.n))
+
+    @staticmethod
+    def _sampling(max_tokens: int | None, max_new_tokens: int | None, fields: dict) -> SamplingConfig:
         if max_tokens is not None and max_new_tokens is not None and max_tokens != max_new_tokens:
             raise InputError("max_tokens: give max_tokens or max_new_tokens, not both", "max_tokens")
         limit = max_tokens if max_tokens is not None else max_new_tokens
         # SamplingConfig checks every value (exact types and ranges) and raises InputError naming it
-        sampling = SamplingConfig(max_tokens=64 if limit is None else limit, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, seed=seed, stop=stop, n=n)
-        results = self.generate_completions(inputs, sampling, lora)
-        texts = [[c.text for c in cs] if n > 1 else cs[0].text for cs in results]
-        return texts[0] if isinstance(inputs, Mapping) else texts
+        return SamplingConfig.from_fields(max_tokens=64 if limit is None else limit, **fields)
 
     def close(self) -> None:
         """Release the backend (stops a vLLM engine's processes now rather than at exit)."""

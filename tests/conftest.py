@@ -187,6 +187,31 @@ def manual_embeds(model, token_ids, items, manual_rows):
     return torch.cat(parts).unsqueeze(0)
 
 
+# -- the session's servers (tests/test_server*.py) -----------------------------------------------------------
+
+KEY = "sk-test-key"
+SERVER_ARGS = ("--max-body-bytes", str(256 * 1024), "--max-tokens-limit", "64", "--default-max-tokens", "16",
+               "--max-n", "4", "--max-queue", "64", "--served-model-name", "tiny-qwen3", "--torch-threads", "1",
+               "--max-prompt-tokens", "200", "--max-items-per-modality", "3", "--body-timeout", "3")
+
+
+@pytest.fixture(scope="session")
+def server(qwen3_ckpt, tmp_path_factory):
+    """The session's transformers-backed server on the Qwen3 checkpoint (SERVER_ARGS, key KEY)."""
+    from mmfuse.bench.serve_load import start_server
+    srv = start_server(qwen3_ckpt, "--backend", "hf", *SERVER_ARGS,
+                       log=tmp_path_factory.mktemp("server") / "server.log", api_key=KEY)
+    yield srv
+    assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def vllm_pair(request, qwen3_ckpt, tmp_path_factory):
+    """A vLLM-backed server (same limits as the HF one) and the session's shared offline vLLM pipeline."""
+    yield from vllm_server_beside_pipeline(request, qwen3_ckpt, SERVER_ARGS,
+                                           tmp_path_factory.mktemp("vllm_server") / "server.log", KEY)
+
+
 def vllm_server_beside_pipeline(request, ckpt, server_args, log, api_key):
     """Generator for a fixture: a vLLM-backed ``mmfuse serve`` and, fetched while it starts, the session's
     offline vLLM pipeline; yields (server, pipeline) and stops the server (exit 0 asserted)."""

@@ -48,6 +48,25 @@ def test_bad_requests_name_the_field(pipe):
         pipe.generate({"prompt": "x"})
 
 
+@pytest.mark.parametrize("fields, needle", [
+    ({"presence_penalty": 3.0}, r"presence_penalty: expected a number in \[-2, 2\]"),
+    ({"repetition_penalty": 0.0}, r"repetition_penalty: expected a number in \(0, 2\]"),
+    ({"frequency_penalty": "1"}, "frequency_penalty: expected a number, got str"),
+    ({"min_p": True}, "min_p: expected a number, got bool"),
+    ({"min_tokens": 9, "max_tokens": 8}, r"min_tokens: expected an integer in \[0, 8\]"),
+    ({"logit_bias": {5: 200}}, r"logit_bias\[5\]: expected a bias in \[-100, 100\]"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias.*expected an integer, got str"),
+    ({"logit_bias": {10**6: 1.0}}, "outside the model's vocabulary"),
+    ({"stop_token_ids": [1, -1]}, r"stop_token_ids\[1\]: expected an integer in"),
+    ({"top_logprobs": 3}, "top_logprobs: needs logprobs=True"),
+    ({"logprobs": True, "top_logprobs": 21}, r"top_logprobs: expected an integer in \[0, 20\]"),
+    ({"best_of": 2}, "best_of: not a sampling option"),
+])
+def test_bad_sampling_fields_name_the_field(pipe, fields, needle):
+    with pytest.raises(InputError, match=needle):
+        pipe.generate({"text": "hi"}, **fields)
+
+
 @pytest.mark.vllm  # backend "auto": a vLLM engine per pipeline when vllm is installed
 def test_original_sketch_basic_example_through_both_import_names(qwen3_base, tmp_path, monkeypatch):
     """The sketch's Basic Example with a local base LM: new projectors, real generation."""

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from conftest import vllm_server_beside_pipeline
+from conftest import KEY
 import torch
 
 from mmfuse.bench.serve_load import make_bodies, run_load, start_server
@@ -29,22 +29,10 @@ from mmfuse.pipeline import MultimodalPipeline
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.server
 
-KEY = "sk-test-key"
 MAX_TOKENS = 12
-SERVER_ARGS = ("--max-body-bytes", str(256 * 1024), "--max-tokens-limit", "64", "--default-max-tokens", "16",
-               "--max-n", "4", "--max-queue", "64", "--served-model-name", "tiny-qwen3", "--torch-threads", "1",
-               "--max-prompt-tokens", "200", "--max-items-per-modality", "3", "--body-timeout", "3")
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # each test that takes `any_server` runs against both session servers
 BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
-
-
-@pytest.fixture(scope="session")
-def server(qwen3_ckpt, tmp_path_factory):
-    srv = start_server(qwen3_ckpt, "--backend", "hf", *SERVER_ARGS,
-                       log=tmp_path_factory.mktemp("server") / "server.log", api_key=KEY)
-    yield srv
-    assert srv.stop() == 0, srv.log.read_text()[-3000:]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -430,13 +418,6 @@ def test_client_disconnecting_mid_stream_frees_its_slot(any_server):
 
 
 # -- the vLLM backend ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def vllm_pair(request, qwen3_ckpt, tmp_path_factory):
-    """A vLLM-backed server (same limits as the HF one) and the session's shared offline vLLM pipeline."""
-    yield from vllm_server_beside_pipeline(request, qwen3_ckpt, SERVER_ARGS,
-                                           tmp_path_factory.mktemp("vllm_server") / "server.log", KEY)
-
 
 @pytest.mark.vllm
 def test_vllm_server_equals_offline_vllm_pipeline(vllm_pair):

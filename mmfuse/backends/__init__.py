@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from ..checkpoint import Checkpoint
@@ -21,6 +21,7 @@ from ..inputs import EncodedPrompt, PreparedPrompt
 from ..logs import status
 from ..lora import LoraAdapter, check_request_lora
 from ..sampling import Completion, SamplingConfig
+from ..streaming import Delta
 from .vllm_defaults import EngineOptions
 
 BACKENDS = ("auto", "hf", "vllm")
@@ -43,6 +44,10 @@ class Backend(Protocol):
     def encode(self, prepared: PreparedPrompt, lora: str | None = None) -> EncodedPrompt: ...
 
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]: ...
+
+    def stream(self, prompt: EncodedPrompt, sampling: SamplingConfig) -> Iterator[Delta]:
+        """The ``n`` choices' text deltas as they are generated; joined, each equals the non-streamed text."""
+        ...
 
     def close(self) -> None: ...
 

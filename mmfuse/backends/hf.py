@@ -7,6 +7,9 @@ embeddings -> projected rows scattered over the placeholder positions (one
 from __future__ import annotations
 
 import os
+import queue
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 
@@ -20,7 +23,9 @@ from ..encoders import encode_items
 from ..inputs import EncodedPrompt, InputError, Item, PreparedPrompt
 from ..lora import LoraAdapter, open_adapters
 from ..projectors import build_projectors, project_items
-from ..sampling import Completion, SamplingConfig, truncate_at_stop
+from ..sampling import Completion, SamplingConfig, truncate_at_stop, visible_tokens
+from ..streaming import Delta, TextDeltas
+from .hf_sampling import OnToken, StepTap, compile_json, grammar_compiler, logits_processors, top_logprobs
 
 
 def merge_rows(embeds: torch.Tensor, input_ids: torch.Tensor, rows: Mapping[str, torch.Tensor],
@@ -53,6 +58,7 @@ class MMFuseModel(nn.Module):
         self.eos_token_ids = checkpoint.eos_token_ids
         self.mm_projectors = build_projectors(self.specs, lm.config.get_text_config().hidden_size)
         self.adapters: dict[str, LoraAdapter] = {}  # LoRA adapters loaded into self.lm (attach_adapters)
+        self.grammar_compiler = None  # xgrammar's, made on the first response_format request (hf_sampling)
 
     @property
     def device(self) -> torch.device:
@@ -204,13 +210,23 @@ class _FiniteScores:
 
 
 @torch.inference_mode()
-def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
+def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig,
+             on_token: OnToken | None = None) -> list[list[Completion]]:
     """Generate for a batch of encoded prompts at once (left padding); ``n`` completions each.
+
+    ``on_token(prompt, choice, token, logprob, top)``: called from the decoding loop for each token as
+    soon as it is chosen (``logprob``/``top`` None unless asked for), for streaming. A choice that
+    has ended gets padding tokens until the batch ends.
 
     A prompt whose projected rows or scores are not finite fails alone: the others are generated
     and returned in ``RequestsFailed.results`` (raised when any prompt failed).
     """
     failed: dict[int, str] = {}
+    grammar = None
+    if sampling.response_format is not None:  # compiled before any work: a schema it refuses is the caller's
+        if model.grammar_compiler is None:
+            model.grammar_compiler = grammar_compiler(model.checkpoint)
+        grammar = compile_json(model.grammar_compiler, sampling.response_format)
     projected = [model.project(p.items) for p in prompts]  # per prompt, so that a bad one fails alone
     for i, rows in enumerate(projected):
         bad = next((name for name, r in rows.items() if not torch.isfinite(r).all()), None)
@@ -223,7 +239,11 @@ def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: Sam
     if keep:
         rows = {name: torch.cat([projected[i][name] for i in keep if name in projected[i]])
                 for name in model.specs if any(name in projected[i] for i in keep)}
-        for i, r in zip(keep, _generate([prompts[i] for i in keep], rows, model, sampling, guard)):
+        tap = None
+        if on_token is not None:  # a row of this batch is choice row % n of kept prompt row // n
+            n = sampling.n
+            tap = StepTap(lambda row, *token: on_token(keep[row // n], row % n, *token), sampling)
+        for i, r in zip(keep, _generate([prompts[i] for i in keep], rows, model, sampling, guard, tap, grammar)):
             results[i] = r
     for row in guard.bad:
         failed[keep[row // sampling.n]] = ("the model's scores became NaN or Inf while generating (this request's "
@@ -234,7 +254,7 @@ def generate(model: MMFuseModel, prompts: Sequence[EncodedPrompt], sampling: Sam
 
 
 def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor], model: MMFuseModel,
-              sampling: SamplingConfig, guard: _FiniteScores) -> list[list[Completion]]:
+              sampling: SamplingConfig, guard: _FiniteScores, tap: StepTap | None, grammar) -> list[list[Completion]]:
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = model.tokenizer
@@ -244,46 +264,55 @@ def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor]
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
     attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
     embeds = model.embed_rows(input_ids, rows)  # each prompt's items projected once, by generate
+    stop_ids = model.eos_token_ids | set(sampling.stop_token_ids)
     gen = GenerationConfig(
         max_new_tokens=sampling.max_tokens, do_sample=not sampling.greedy,
         temperature=sampling.temperature if not sampling.greedy else None,
         top_p=sampling.top_p if not sampling.greedy else None,
         top_k=sampling.top_k if not sampling.greedy else None,
+        min_p=sampling.min_p if not sampling.greedy and sampling.min_p else None,
         repetition_penalty=1.0,  # SamplingConfig is the whole truth: no defaults from generation_config.json
-        num_return_sequences=sampling.n, pad_token_id=pad, eos_token_id=sorted(model.eos_token_ids),
+        num_return_sequences=sampling.n, pad_token_id=pad, eos_token_id=sorted(stop_ids),
         stop_strings=sampling.stop or None, return_dict_in_generate=True, output_logits=sampling.logprobs)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     lora = {}
     if model.adapters:  # peft's mixed batch: one adapter (or the bare LM) per row, rows repeated n times
         lora["adapter_names"] = [p.lora or "__base__" for p in prompts for _ in range(sampling.n)]
+    processors = LogitsProcessorList([*([tap] if tap else []), guard,
+                                      *logits_processors(sampling, prompts, stop_ids, model.device, grammar)])
     out = model.lm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=gen,
-                            logits_processor=LogitsProcessorList([guard]), tokenizer=tok if sampling.stop else None,
+                            logits_processor=processors, tokenizer=tok if sampling.stop else None, streamer=tap,
                             **lora)
     seqs = out.sequences  # [B * n, new]: with inputs_embeds only new tokens come back
-    logprobs = None
-    if sampling.logprobs:
+    steps = None
+    if sampling.logprobs:  # of the raw logits, before any processor (vLLM's default logprobs mode)
         steps = torch.stack(out.logits, 1).float().log_softmax(-1)  # [B * n, new, V]
-        logprobs = steps.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
     results: list[list[Completion]] = [[] for _ in prompts]
     for row in range(seqs.shape[0]):
-        lp = logprobs[row] if logprobs is not None else None
-        results[row // sampling.n].append(_completion(tok, model.eos_token_ids, seqs[row], lp, sampling))
+        lp = steps[row] if steps is not None else None
+        results[row // sampling.n].append(_completion(tok, stop_ids, seqs[row], lp, sampling))
     return results
 
 
-def _completion(tok, eos: frozenset[int], seq: torch.Tensor, logprobs: torch.Tensor | None,
+def _completion(tok, stop_ids: set[int], seq: torch.Tensor, steps: torch.Tensor | None,
                 sampling: SamplingConfig) -> Completion:
-    """Token ids up to and including the first EOS (what follows is padding)."""
+    """Token ids up to and including the first EOS or stop token (what follows is padding).
+    ``steps``: [new, V] logprobs of every position, when asked."""
     toks = seq.tolist()
-    end = next((i for i, t in enumerate(toks) if t in eos), None)
+    end = next((i for i, t in enumerate(toks) if t in stop_ids), None)
     finish = "stop" if end is not None else "length"
     toks = toks if end is None else toks[: end + 1]
-    text, stopped = truncate_at_stop(tok.decode(toks, skip_special_tokens=True), sampling.stop)
+    text, stopped = truncate_at_stop(tok.decode(visible_tokens(toks, sampling), skip_special_tokens=True),
+                                     sampling.stop)
     if stopped:
         finish = "stop"
-    lp = logprobs[: len(toks)].tolist() if logprobs is not None else None
-    return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=lp)
+    lp = top = None
+    if steps is not None:
+        steps = steps[: len(toks)]
+        lp = steps.gather(-1, torch.tensor(toks, device=steps.device).unsqueeze(-1)).squeeze(-1).tolist()
+        top = top_logprobs(steps, sampling.top_logprobs) if sampling.top_logprobs else None
+    return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=lp, top_logprobs=top)
 
 
 class HFBackend(CheckpointBackend):
@@ -304,8 +333,38 @@ class HFBackend(CheckpointBackend):
         self.checkpoint = self.model.checkpoint
         self.max_model_len = self.prompt_limit = self.checkpoint.max_len
 
-    def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
-        return generate(self.model, prompts, sampling)
+    def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig,
+                 on_token: OnToken | None = None) -> list[list[Completion]]:
+        """``n`` completions per prompt; ``on_token`` sees each token as it is chosen (``generate``)."""
+        return generate(self.model, prompts, sampling, on_token)
+
+    def stream(self, prompt: EncodedPrompt, sampling: SamplingConfig) -> Iterator[Delta]:
+        """The ``n`` choices' deltas as tokens are generated (on a worker thread); their texts join to the
+        non-streamed ones. A stream abandoned early lets its batch run to the end."""
+        stop_ids = self.checkpoint.eos_token_ids | set(sampling.stop_token_ids)
+        texts = [TextDeltas(self.tokenizer, sampling, stop_ids, i) for i in range(sampling.n)]
+        events: queue.Queue = queue.Queue()
+
+        def on_token(_prompt, choice, token, logprob, top):
+            delta = texts[choice].push(token, logprob, top)
+            if delta is not None:
+                events.put(delta)
+
+        def run():
+            try:
+                events.put(generate(self.model, [prompt], sampling, on_token)[0])
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+                events.put(e)
+
+        threading.Thread(target=run, name="mmfuse-hf-stream", daemon=True).start()
+        while isinstance(item := events.get(), Delta):
+            yield item
+        if isinstance(item, RequestsFailed):
+            raise InputError(item.failed[0]) from None
+        if isinstance(item, BaseException):
+            raise item
+        for text, completion in zip(texts, item):
+            yield text.finish(completion)
 
     def weight_bytes(self) -> int:
         """Bytes of the weights as loaded (LM, projectors, adapters): a quantized base's weights count at their

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import atexit
 import gc
+import json
 import os
 import time
+import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..inputs import EncodedPrompt
+from ..inputs import EncodedPrompt, InputError
 from ..logs import status, verbose
 from ..lora import open_adapters, vllm_lora_args, vllm_lora_requests
-from ..sampling import Completion, SamplingConfig, truncate_at_stop
+from ..sampling import Completion, SamplingConfig, truncate_at_stop, visible_tokens
+from ..streaming import Delta, TextDeltas
 from . import CheckpointBackend
 from .vllm_defaults import EngineOptions, apply_process_defaults, check_can_spawn, offline_engine_core
 
@@ -45,8 +49,18 @@ def engine_args(checkpoint: Checkpoint, options: EngineOptions, **engine_kwargs:
         # pipeline-parallel engine fails its first step (AssertionError in sync_and_gather_intermediate_tensors)
         args["enforce_eager"] = True
     args.update(options.memory_args(current_platform.is_cpu()))
+    args["structured_outputs_config"] = structured_outputs_config()
     args.update(engine_kwargs)
     return args
+
+
+def structured_outputs_config():
+    """response_format through xgrammar, with compact JSON: left free to put whitespace between tokens, a
+    small or untrained model can spend every token on it and never close the object (measured on the tiny
+    test models); the answer is the same JSON either way."""
+    from vllm.config import StructuredOutputsConfig
+
+    return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
 
 
 def _describe(args: dict[str, Any]) -> str:
@@ -70,24 +84,56 @@ def to_request(encoded: EncodedPrompt) -> dict[str, Any]:
 
 
 def to_sampling_params(sampling: SamplingConfig):
-    """``SamplingConfig`` -> ``vllm.SamplingParams`` (logprobs of the chosen tokens only, when asked)."""
+    """``SamplingConfig`` -> ``vllm.SamplingParams`` (the same fields; logprobs of the chosen tokens
+    plus ``top_logprobs`` alternatives, when asked)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
-    return SamplingParams(n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+    structured = None
+    if sampling.response_format is not None:
+        fmt = sampling.response_format
+        structured = (StructuredOutputsParams(json_object=True) if fmt.schema is None
+                      else StructuredOutputsParams(json=json.loads(fmt.schema)))
+    return SamplingParams(structured_outputs=structured, n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                           top_p=sampling.top_p, top_k=sampling.top_k,  # 0 = off in both
-                          seed=sampling.seed, stop=list(sampling.stop) or None,
-                          logprobs=0 if sampling.logprobs else None)
+                          min_p=sampling.min_p, seed=sampling.seed, stop=list(sampling.stop) or None,
+                          stop_token_ids=list(sampling.stop_token_ids) or None,
+                          presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+                          repetition_penalty=sampling.repetition_penalty, min_tokens=sampling.min_tokens,
+                          logit_bias=dict(sampling.logit_bias) or None,
+                          logprobs=sampling.top_logprobs if sampling.logprobs else None)
+
+
+def refused(error, sampling: SamplingConfig) -> InputError:
+    """vLLM's ``VLLMValidationError`` for a request as the ``InputError`` it is (the caller's to fix), naming
+    the field: vLLM's own, or ``response_format`` when its grammar could not be built from the schema."""
+    param = getattr(error, "parameter", None)
+    if param is None and sampling.response_format is not None and "schema" in str(error):
+        param = "response_format"
+    return InputError(f"{param}: {error}" if param else str(error), param)
+
+
+def step_logprobs(token_ids: Sequence[int], steps, sampling: SamplingConfig
+                  ) -> tuple[list[float] | None, list[dict[int, float]] | None]:
+    """vLLM's per-position ``{token: Logprob}`` maps -> (chosen tokens' logprobs, top ``top_logprobs`` per
+    position, best first). vLLM adds the chosen token to its top k (ranks 1..k): a worse one is dropped."""
+    if not sampling.logprobs or steps is None:
+        return None, None
+    chosen = [step[t].logprob for t, step in zip(token_ids, steps)]
+    k = sampling.top_logprobs
+    top = [{t: lp.logprob for t, lp in sorted(step.items(), key=lambda e: e[1].rank)[:k]}
+           for step in steps] if k else None
+    return chosen, top
 
 
 def to_completion(output, tokenizer, sampling: SamplingConfig) -> Completion:
     """One vLLM ``CompletionOutput`` as a ``Completion`` with the HF backend's conventions."""
-    toks = list(output.token_ids)  # vLLM keeps a generated EOS, as the HF backend does
-    logprobs = None
-    if sampling.logprobs and output.logprobs is not None:
-        logprobs = [step[t].logprob for t, step in zip(toks, output.logprobs)]
-    text, stopped = truncate_at_stop(tokenizer.decode(toks, skip_special_tokens=True), sampling.stop)
+    toks = list(output.token_ids)  # vLLM keeps a generated EOS (and a stop token id), as the HF backend does
+    logprobs, top = step_logprobs(toks, output.logprobs, sampling)
+    text, stopped = truncate_at_stop(tokenizer.decode(visible_tokens(toks, sampling), skip_special_tokens=True),
+                                     sampling.stop)
     finish = "stop" if stopped or output.finish_reason == "stop" else "length"
-    return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=logprobs)
+    return Completion(text=text, token_ids=toks, finish_reason=finish, logprobs=logprobs, top_logprobs=top)
 
 
 class VLLMBackend(CheckpointBackend):
@@ -137,14 +183,66 @@ class VLLMBackend(CheckpointBackend):
 
     def generate_outputs(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list:
         """vLLM's own ``RequestOutput`` per prompt (with e.g. ``num_cached_tokens``)."""
-        lora = [self.lora_requests[p.lora] if p.lora else None for p in prompts] if self.adapters else None
-        return self.llm.generate([to_request(p) for p in prompts], to_sampling_params(sampling), use_tqdm=False,
-                                 lora_request=lora)
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            return self.llm.generate([to_request(p) for p in prompts], to_sampling_params(sampling), use_tqdm=False,
+                                     lora_request=self._lora_requests(prompts))
+        except VLLMValidationError as e:
+            raise refused(e, sampling) from None
+
+    def _lora_requests(self, prompts: Sequence[EncodedPrompt]) -> list | None:
+        """vLLM's LoRARequest per prompt (None: the bare LM), or None when no adapter is loaded."""
+        return [self.lora_requests[p.lora] if p.lora else None for p in prompts] if self.adapters else None
 
     def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
         """``n`` completions per prompt, in prompt order."""
         return [[to_completion(c, self.tokenizer, sampling) for c in out.outputs]
                 for out in self.generate_outputs(prompts, sampling)]
+
+    def stream(self, prompt: EncodedPrompt, sampling: SamplingConfig) -> Iterator[Delta]:
+        """The ``n`` choices' deltas as the engine generates them (its step loop, driven from here); their
+        texts join to the non-streamed ones. Closing the iterator early aborts the request."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        params = to_sampling_params(sampling)
+        params.output_kind = RequestOutputKind.DELTA  # only each step's new tokens
+        stop_ids = self.checkpoint.eos_token_ids | set(sampling.stop_token_ids)
+        texts = [TextDeltas(self.tokenizer, sampling, stop_ids, i) for i in range(sampling.n)]
+        from vllm.exceptions import VLLMValidationError
+
+        (engine_input,) = engine.renderer.render_cmpl([to_request(prompt)])
+        request_id = uuid.uuid4().hex  # outputs carry the id given here (the engine keeps its own internally)
+        try:
+            lora = self._lora_requests([prompt])
+            engine.add_request(request_id, engine_input, params, lora_request=lora[0] if lora else None)
+        except VLLMValidationError as e:
+            raise refused(e, sampling) from None
+        tokens: dict[int, list] = {i: [] for i in range(sampling.n)}
+        steps: dict[int, list] = {i: [] for i in range(sampling.n)}
+        done = False
+        try:
+            while not done and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.request_id != request_id:
+                        continue
+                    for c in out.outputs:
+                        lps, top = step_logprobs(c.token_ids, c.logprobs, sampling)
+                        tokens[c.index] += c.token_ids
+                        steps[c.index] += c.logprobs or []
+                        for j, t in enumerate(c.token_ids):
+                            delta = texts[c.index].push(t, lps[j] if lps else None, top[j] if top else None)
+                            if delta is not None:
+                                yield delta
+                        if c.finish_reason is not None:
+                            whole = SimpleNamespace(token_ids=tokens[c.index], finish_reason=c.finish_reason,
+                                                    logprobs=steps[c.index] or None)
+                            yield texts[c.index].finish(to_completion(whole, self.tokenizer, sampling))
+                    done = out.finished
+        finally:
+            if not done:
+                engine.abort_request([request_id])
 
     def close(self) -> None:
         """Stop the engine now (idempotent)."""

@@ -30,6 +30,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="a LoRA adapter (peft directory) over the checkpoint's LM, repeatable: a request whose "
                         "`model` is NAME runs with it; listed in /v1/models (default: none)")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="Jinja chat template for /v1/chat/completions, a file or the text itself (default: the "
+                        "tokenizer's)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this")
     lim.add_argument("--max-items-per-modality", type=int, default=None,

@@ -19,7 +19,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WrapValidator
 from pydantic_core import PydanticCustomError
 
-from ..sampling import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX
+from ..chat import MAX_TEMPLATE_KWARGS
+from ..sampling import (INT32_MAX, LOGIT_BIAS_MAX, MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+                        MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS, PENALTY_MAX, SEED_MAX)
 
 MAX_MESSAGES = 1024  # messages per chat request
 MAX_PARTS = 1024  # content parts per message
@@ -143,6 +145,13 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormatSpec(_Strict):
+    """OpenAI's response_format; ``json_schema`` is ``{"name", "schema", "strict", "description"}``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class _Sampling(_Strict):
     """Fields shared by both endpoints. ``max_tokens`` None = the server's default."""
 
@@ -159,21 +168,35 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility, unused
-    presence_penalty: float = Field(default=0.0, ge=0, le=0)  # only the neutral value is supported
-    frequency_penalty: float = Field(default=0.0, ge=0, le=0)
+    presence_penalty: float = Field(default=0.0, ge=-PENALTY_MAX, le=PENALTY_MAX)
+    frequency_penalty: float = Field(default=0.0, ge=-PENALTY_MAX, le=PENALTY_MAX)
+    # OpenAI's: token id (a decimal string, as JSON keys are) -> bias added to its logit
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-LOGIT_BIAS_MAX, le=LOGIT_BIAS_MAX)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    # extensions (vLLM's names and meanings)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=PENALTY_MAX)
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]],
+                              Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    response_format: ResponseFormatSpec | None = None  # JSON answers (both endpoints, as vLLM)
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)  # newer name of max_tokens
     logprobs: bool = False  # the chosen tokens' logprobs
-    top_logprobs: int | None = Field(default=None, ge=0, le=0)  # alternatives are not returned
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # and this many alternatives
     multimodal_embeddings: EmbeddingMap | None = None  # for placeholders written as text
+    # vLLM's chat extensions (mmfuse.chat.ChatOptions): template variables, and how the prompt ends
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_KWARGS)] | None = None
+    add_generation_prompt: bool | None = None  # None: true unless continue_final_message
+    continue_final_message: bool = False
 
 
 class CompletionRequest(_Sampling):
     prompt: str
-    logprobs: int | None = Field(default=None, ge=0, le=0)  # 0: the chosen tokens' logprobs only
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # the chosen tokens' and N alternatives
     echo: Literal[False] = False  # echoing the prompt is not supported
     multimodal_embeddings: EmbeddingMap | None = None
 
@@ -194,11 +217,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
 class TokenLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int] | None = None
-    top_logprobs: list[Any] = Field(default_factory=list)
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)  # best first
 
 
 class ChoiceLogprobs(BaseModel):
@@ -250,7 +279,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float]
-    top_logprobs: list[Any] | None = None
+    top_logprobs: list[dict[str, float]] | None = None  # per token: {token text: logprob}, best first
     text_offset: list[int]
 
 

@@ -14,18 +14,21 @@ def _usage(job: Job, generated: int) -> P.Usage:
                    total_tokens=job.prompt_tokens + generated)
 
 
-def _chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float] | None) -> P.ChoiceLogprobs | None:
+def _chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float] | None,
+                   top: list[dict[int, float]] | None) -> P.ChoiceLogprobs | None:
     if logprobs is None:
         return None
     content = []
-    for t, lp in zip(token_ids, logprobs):
+    for i, (t, lp) in enumerate(zip(token_ids, logprobs)):
         s = tokenizer.decode([t])
-        content.append(P.TokenLogprob(token=s, logprob=lp, bytes=list(s.encode())))
+        alternatives = [P.TopLogprob(token=a, logprob=v, bytes=list(a.encode()))
+                        for a, v in ((tokenizer.decode([u]), v) for u, v in top[i].items())] if top else []
+        content.append(P.TokenLogprob(token=s, logprob=lp, bytes=list(s.encode()), top_logprobs=alternatives))
     return P.ChoiceLogprobs(content=content)
 
 
 def _text_logprobs(tokenizer, token_ids: list[int], logprobs: list[float] | None,
-                   offset: int = 0) -> P.CompletionLogprobs | None:
+                   top: list[dict[int, float]] | None, offset: int = 0) -> P.CompletionLogprobs | None:
     if logprobs is None:
         return None
     tokens = [tokenizer.decode([t]) for t in token_ids]
@@ -33,12 +36,22 @@ def _text_logprobs(tokenizer, token_ids: list[int], logprobs: list[float] | None
     for s in tokens:
         offsets.append(offset)
         offset += len(s)
-    return P.CompletionLogprobs(tokens=tokens, token_logprobs=list(logprobs), text_offset=offsets)
+    # OpenAI's shape: {token text: logprob}; two ids that decode alike keep the likelier one (listed first)
+    alternatives = [_by_text(tokenizer, step) for step in top] if top else None
+    return P.CompletionLogprobs(tokens=tokens, token_logprobs=list(logprobs), top_logprobs=alternatives,
+                                text_offset=offsets)
+
+
+def _by_text(tokenizer, step: dict[int, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for token, logprob in step.items():  # best first: a later id with the same text is dropped
+        out.setdefault(tokenizer.decode([token]), logprob)
+    return out
 
 
 def chat_response(job: Job, completions: list[Completion], model: str, tokenizer) -> P.ChatCompletionResponse:
     choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                            logprobs=_chat_logprobs(tokenizer, c.token_ids, c.logprobs))
+                            logprobs=_chat_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs))
                for i, c in enumerate(completions)]
     return P.ChatCompletionResponse(id=P.new_id("chatcmpl"), created=P.now(), model=model, choices=choices,
                                     usage=_usage(job, sum(len(c.token_ids) for c in completions)))
@@ -46,7 +59,7 @@ def chat_response(job: Job, completions: list[Completion], model: str, tokenizer
 
 def completion_response(job: Job, completions: list[Completion], model: str, tokenizer) -> P.CompletionResponse:
     choices = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
-                                  logprobs=_text_logprobs(tokenizer, c.token_ids, c.logprobs))
+                                  logprobs=_text_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs))
                for i, c in enumerate(completions)]
     return P.CompletionResponse(id=P.new_id("cmpl"), created=P.now(), model=model, choices=choices,
                                 usage=_usage(job, sum(len(c.token_ids) for c in completions)))
@@ -66,7 +79,8 @@ async def chat_chunks(job: Job, deltas: AsyncIterator[Delta], model: str, tokeni
             generated += len(d.token_ids)
             yield chunk([P.ChatChunkChoice(index=d.index, delta=P.DeltaMessage(content=d.text),
                                            finish_reason=d.finish_reason,
-                                           logprobs=_chat_logprobs(tokenizer, d.token_ids, d.logprobs))])
+                                           logprobs=_chat_logprobs(tokenizer, d.token_ids, d.logprobs,
+                                                                   d.top_logprobs))])
     except Exception as e:  # noqa: BLE001 - headers are gone: report in-band, end the stream cleanly
         yield sse_error(e)
     else:
@@ -82,7 +96,8 @@ async def completion_chunks(job: Job, deltas: AsyncIterator[Delta], model: str, 
         async for d in deltas:
             generated += len(d.token_ids)
             choice = P.CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
-                                        logprobs=_text_logprobs(tokenizer, d.token_ids, d.logprobs, offsets[d.index]))
+                                        logprobs=_text_logprobs(tokenizer, d.token_ids, d.logprobs, d.top_logprobs,
+                                                                offsets[d.index]))
             offsets[d.index] += len(d.text)
             yield sse(P.CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
     except Exception as e:  # noqa: BLE001

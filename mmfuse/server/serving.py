@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel
 
-from ..chat import render_messages
+from ..chat import ChatOptions, read_chat_template, render_messages
 from ..inputs import EncodedPrompt, InputError, prepare, user_text
-from ..sampling import Completion, SamplingConfig, check_room, engine_sampling
+from ..sampling import Completion, SamplingConfig, check_room, check_token_ids, engine_sampling
 from . import parts
 from . import protocol as P
 from .engines import Delta
@@ -65,6 +65,9 @@ class Serving:
         self.specs = {n: dataclasses.replace(s, max_items=min(s.max_items, cap or s.max_items))
                       for n, s in engine.specs.items()}
         self.media = parts.modality_media(self.specs)  # what each modality takes as raw media
+        # --chat-template, read and test-rendered once (a ConfigError stops the server before it serves)
+        self.chat_template = (read_chat_template(settings.chat_template, engine.tokenizer)
+                              if settings.chat_template is not None else None)
         self._media_threads = ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="mmfuse-media")
         self.in_flight = 0
         self.closing = False
@@ -97,7 +100,7 @@ class Serving:
                        "model_not_found")
 
     def _sampling(self, req: P.ChatCompletionRequest | P.CompletionRequest, max_tokens: int | None,
-                  logprobs: bool) -> SamplingConfig:
+                  logprobs: bool, top_logprobs: int) -> SamplingConfig:
         limit = self.settings.max_tokens_limit
         max_tokens = max_tokens or self.settings.default_max_tokens
         if max_tokens > limit:
@@ -110,8 +113,15 @@ class Serving:
             raise APIError(400, f"stop: expected at most {most} strings of at most {chars} characters, got "
                                 f"{len(stop)} of up to {max(map(len, stop))}", "stop")
         try:  # the one validation layer (types, ranges, UTF-8), shared with the Python API
-            return SamplingConfig(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, seed=req.seed, stop=stop, n=req.n, logprobs=logprobs)
+            sampling = SamplingConfig(
+                max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                min_p=req.min_p, seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids, n=req.n,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
+                logit_bias=_token_keys(req.logit_bias), logprobs=logprobs, top_logprobs=top_logprobs,
+                response_format=req.response_format.model_dump() if req.response_format else None)
+            check_token_ids(sampling, self.engine.vocab_size)
+            return sampling
         except InputError as e:
             raise APIError(400, str(e), e.param, "invalid_value") from None
 
@@ -154,6 +164,10 @@ class Serving:
             except InputError as e:
                 raise APIError(400, str(e), "max_tokens") from None
         elif sampling.max_tokens > room:
+            if sampling.min_tokens > room:
+                raise APIError(400, f"min_tokens: the prompt has {length} tokens, so at most {room} more fit in "
+                                    f"the model's {self.engine.max_model_len}; asked for {sampling.min_tokens}",
+                               "min_tokens")
             sampling = dataclasses.replace(sampling, max_tokens=room)  # the default shrinks to fit
         for name, its in encoded.items.items():
             self.metrics.items.labels(modality=name).inc(len(its))
@@ -162,16 +176,19 @@ class Serving:
 
     async def check_chat(self, req: P.ChatCompletionRequest) -> Job:
         model = self._model(req)
-        sampling = self._sampling(req, req.max_completion_tokens or req.max_tokens, req.logprobs)
+        sampling = self._sampling(req, req.max_completion_tokens or req.max_tokens, req.logprobs,
+                                  req.top_logprobs or 0)
         media = await self._decode_media(req.messages, self._route_parts(req.messages))
         try:
             messages = [{"role": m.role, "content": self._content(i, m.content, media)}
                         for i, m in enumerate(req.messages)]
             extra = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
+            options = ChatOptions(self.chat_template, req.chat_template_kwargs or {}, req.add_generation_prompt,
+                                  req.continue_final_message)
             text, items = render_messages(messages, self.engine.tokenizer, self.specs, extra,
-                                          req.allow_special_tokens)
+                                          req.allow_special_tokens, options)
         except InputError as e:
-            raise APIError(400, str(e), "messages", "input_error") from None
+            raise APIError(400, str(e), e.param or "messages", "input_error") from None
         return await self._finish(text, items, "messages", sampling, req,
                                   (req.max_completion_tokens or req.max_tokens) is not None, model)
 
@@ -229,7 +246,7 @@ class Serving:
 
     async def check_completion(self, req: P.CompletionRequest) -> Job:
         model = self._model(req)
-        sampling = self._sampling(req, req.max_tokens, req.logprobs is not None)
+        sampling = self._sampling(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0)
         try:
             items = self._decode_map(req.multimodal_embeddings, "multimodal_embeddings")
         except InputError as e:
@@ -261,7 +278,7 @@ class Serving:
         try:
             completions = await self.engine.generate(job.encoded, engine_sampling(job.sampling))
         except InputError as e:  # the engine's own parameter checks
-            raise APIError(400, str(e), None, "input_error") from None
+            raise APIError(400, str(e), e.param, "input_error") from None
         finally:
             self._release()
         if len(completions) < job.sampling.n:  # greedy n > 1: identical copies
@@ -281,7 +298,7 @@ class Serving:
             first = None
         except InputError as e:
             self._release()
-            raise APIError(400, str(e), None, "input_error") from None
+            raise APIError(400, str(e), e.param, "input_error") from None
         except BaseException:
             self._release()
             raise
@@ -317,6 +334,18 @@ async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[De
     yield first
     async for delta in rest:
         yield delta
+
+
+def _token_keys(logit_bias: Mapping[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias keys are token ids written as JSON strings ("50256")."""
+    if logit_bias is None:
+        return None
+    out = {}
+    for key, bias in logit_bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):
+            raise InputError(f"logit_bias: key {key[:20]!r} is not a token id (a decimal integer)", "logit_bias")
+        out[int(key)] = bias
+    return out
 
 
 def _plain(value):

@@ -20,6 +20,7 @@ class ServerSettings:
     # LoRA adapters over the checkpoint's LM, "NAME=PATH" each: a request whose `model` is NAME runs with it
     lora: tuple[str, ...] = ()
     adapters: dict = field(init=False, repr=False)  # NAME -> mmfuse.lora.LoraAdapter, checked once
+    chat_template: str | None = None  # a Jinja chat template (file path or text) instead of the tokenizer's
     backend: str = "auto"  # auto: vLLM when importable, else transformers
     host: str = "127.0.0.1"  # loopback by default: exposing a server is an explicit choice
     port: int = 8000

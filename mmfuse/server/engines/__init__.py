@@ -15,48 +15,13 @@ import asyncio
 import copy
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from ...backends import select_backend
 from ...backends.vllm_defaults import EngineOptions
 from ...checkpoint import Checkpoint
 from ...inputs import EncodedPrompt, PreparedPrompt
-from ...sampling import Completion
+from ...streaming import Delta  # noqa: F401  (the engines' stream unit, re-exported)
 from ..settings import ServerSettings
-
-
-@dataclass
-class Delta:
-    """New output of choice ``index``: text, its tokens (and their logprobs); ``finish_reason`` on the last."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    finish_reason: str | None = None
-
-
-def completion_deltas(tokenizer, index: int, completion: Completion) -> list[Delta]:
-    """A finished completion as per-token deltas whose texts join to exactly ``completion.text``.
-
-    Text is released only when the decoded prefix is stable (no partial UTF-8 character)
-    and never past the final, stop-truncated text.
-    """
-    final, toks, lps = completion.text, completion.token_ids, completion.logprobs
-    out: list[Delta] = []
-    sent, start = 0, 0  # characters released; first token not yet attached to a delta
-    for i in range(1, len(toks) + 1):
-        text = tokenizer.decode(toks[:i], skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue
-        upto = min(len(text), len(final))
-        if upto > sent and final.startswith(text[:upto]):
-            out.append(Delta(index, final[sent:upto], toks[start:i], lps[start:i] if lps else None))
-            sent, start = upto, i
-    if sent < len(final) or start < len(toks) or not out:
-        out.append(Delta(index, final[sent:], toks[start:], lps[start:] if lps else None))
-    out[-1].finish_reason = completion.finish_reason
-    return out
 
 
 class PromptEncoder:

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Mapping
 from types import SimpleNamespace
 from typing import Any
 
-from ...backends.vllm import engine_args, to_completion, to_request, to_sampling_params
+from ...backends.vllm import engine_args, refused, step_logprobs, to_completion, to_request, to_sampling_params
 from ...backends.vllm_defaults import EngineOptions, apply_process_defaults
 from ...checkpoint import open_checkpoint
-from ...inputs import EncodedPrompt, InputError
+from ...inputs import EncodedPrompt
 from ...logs import status
 from ...lora import LoraAdapter, vllm_lora_args, vllm_lora_requests
 from ...sampling import Completion, SamplingConfig
@@ -44,6 +44,7 @@ class VLLMEngine:
                                              **vllm_lora_args(adapters, current_platform.is_cpu()), **engine_kwargs))
         self.engine = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.engine.model_config.max_model_len
+        self.vocab_size = self.checkpoint.vocab_size
         self.encode = PromptEncoder(self.checkpoint, self.max_model_len - 1)  # room for one new token
 
     async def _outputs(self, encoded: EncodedPrompt, sampling: SamplingConfig, kind):
@@ -58,7 +59,7 @@ class VLLMEngine:
                                            lora_request=self.lora_requests.get(encoded.lora))
             first = await anext(outputs)
         except VLLMValidationError as e:  # a request vLLM refuses is the client's to fix
-            raise InputError(str(e)) from None
+            raise refused(e, sampling) from None
         yield first
         async for out in outputs:
             yield out
@@ -81,7 +82,7 @@ class VLLMEngine:
         async for out in self._outputs(encoded, sampling, RequestOutputKind.DELTA):
             for c in out.outputs:
                 toks = list(c.token_ids)
-                lps = [step[t].logprob for t, step in zip(toks, c.logprobs)] if sampling.logprobs and c.logprobs else None
+                lps, top = step_logprobs(toks, c.logprobs, sampling)
                 text = c.text
                 sent[c.index] = sent.get(c.index, "") + text
                 tokens.setdefault(c.index, []).extend(toks)
@@ -92,7 +93,7 @@ class VLLMEngine:
                     if final.text.startswith(sent[c.index]):
                         text += final.text[len(sent[c.index]):]
                     finish = final.finish_reason
-                yield Delta(c.index, text, toks, lps, finish)
+                yield Delta(c.index, text, toks, lps, finish, top)
 
     async def close(self) -> None:
         self.engine.shutdown()
