@@ -175,7 +175,9 @@ def open_checkpoint(path_or_id: str | os.PathLike, tokenizer=None) -> Checkpoint
     """
     from transformers import AutoTokenizer
 
-    path = resolve(path_or_id)
+    from .thin import materialize
+
+    path = materialize(resolve(path_or_id))  # a thin checkpoint: its view with the base's weights linked in
     config = read_config(path)
     mm_config = MMFuseConfig.from_hf_config(config, root=str(path))
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)

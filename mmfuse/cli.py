@@ -430,7 +430,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_encoder_option(s)
     s.add_argument("--seed", type=int, default=0, help="projector initialisation seed")
     s.set_defaults(func=_add_modality)
+
+    s = command(sub, "export", "write a thin checkpoint: config, tokenizer, projectors and a reference to the base "
+                               "LM, whose weights are linked in when it is opened")
+    s.add_argument("ckpt", help="mmfuse checkpoint directory or hub id")
+    s.add_argument("out", help="output directory (missing or empty, unless --overwrite)")
+    s.add_argument("--thin", action="store_true", required=True, help="leave the base LM's weights out")
+    s.add_argument("--base", required=True, help="the base LM the checkpoint was made from: a hub id (shareable) "
+                                                 "or a local directory (stored as an absolute path)")
+    s.add_argument("--revision", default=None, help="the base's hub revision (commit) to pin (default: none)")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    s.set_defaults(func=_export)
+
+    s = command(sub, "push", "upload a checkpoint (or its thin export) to the Hugging Face hub")
+    s.add_argument("ckpt", help="mmfuse checkpoint directory")
+    s.add_argument("repo", help="hub repo id, e.g. you/my-mmfuse-model (created if missing)")
+    s.add_argument("--thin", action="store_true", help="upload the thin export (needs --base)")
+    s.add_argument("--base", default=None, help="with --thin: the base LM's hub id")
+    s.add_argument("--revision", default=None, help="with --thin: the base's revision to pin")
+    s.add_argument("--private", action="store_true", help="create the repo private")
+    s.set_defaults(func=_push)
     return p
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .thin import export_thin
+
+    out = export_thin(args.ckpt, args.out, args.base, args.revision, overwrite=args.overwrite)
+    print(f"thin checkpoint {out} (base {args.base}{'@' + args.revision if args.revision else ''})")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .thin import push
+
+    if args.thin and not args.base:
+        raise ConfigError("--thin needs --base: the hub id (or path) of the base LM the checkpoint was made from")
+    print(push(args.ckpt, args.repo, args.base if args.thin else None, args.revision, private=args.private))
 
 
 def _add_modality(args: argparse.Namespace) -> None:
