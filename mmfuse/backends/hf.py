@@ -244,8 +244,9 @@ def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor]
         stop_strings=sampling.stop or None, return_dict_in_generate=True, output_logits=sampling.logprobs)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    processors = LogitsProcessorList([*([tap] if tap else []), guard,
-                                      *logits_processors(sampling, prompts, stop_ids, model.device, grammar)])
+    # the tap sees the raw logits; the guard, after vLLM's processors, also catches what a penalty made non-finite
+    processors = LogitsProcessorList([*([tap] if tap else []),
+                                      *logits_processors(sampling, prompts, stop_ids, model.device, grammar), guard])
     out = model.lm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=gen,
                             logits_processor=processors, tokenizer=tok if sampling.stop else None, streamer=tap)
     seqs = out.sequences  # [B * n, new]: with inputs_embeds only new tokens come back
