@@ -126,6 +126,20 @@ examples:
 Data: Parquet with columns prompt, response and mm_NAME (the row's items of modality NAME).
 --out must be missing or empty unless --resume (continue the run there) or --overwrite (start over).
 """,
+    "export": """\
+examples:
+  mmfuse export --thin ckpt ckpt-thin --base Qwen/Qwen3-0.6B --revision c1899de   # pin the base's commit
+  mmfuse export --thin ckpt ckpt-thin --base ./base                               # a local base (absolute path)
+
+The thin checkpoint holds config, tokenizer, projectors and encoders, plus mmfuse_base.json; opening it
+(mmfuse.load, MultimodalPipeline, vLLM) links the base's weights in under $MMFUSE_CACHE/thin. Refused when
+the checkpoint's LM tensors are not the base's, bit for bit (a trained or resized LM travels whole).
+""",
+    "push": """\
+examples:
+  mmfuse push ckpt you/my-mmfuse-model                                  # the whole checkpoint
+  mmfuse push ckpt you/my-mmfuse-model --thin --base Qwen/Qwen3-0.6B    # its thin export
+""",
     "eval": """\
 examples:
   mmfuse eval run2 heldout.parquet                       # transformers: exact match and eval loss

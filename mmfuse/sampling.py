@@ -24,7 +24,8 @@ SEED_MAX = 2**63 - 1    # seeds travel as int64
 MAX_N = 256             # completions per request (Python API; the server caps lower, --max-n)
 MAX_STOP_STRINGS = 16   # stop strings per request
 MAX_STOP_CHARS = 512    # characters per stop string (stop matching costs grow with their length)
-PENALTY_MAX = 2.0       # presence/frequency penalties in [-2, 2] and repetition_penalty in (0, 2] (OpenAI's, vLLM's)
+PENALTY_MAX = 2.0       # presence/frequency penalties in [-2, 2] and repetition_penalty at most 2 (OpenAI's, vLLM's)
+REPETITION_PENALTY_MIN = 1e-2  # vLLM takes any > 0, but logits / 5e-324 overflow float32: as temperature's bound
 LOGIT_BIAS_MAX = 100.0  # |bias| per token (OpenAI's range; vLLM clamps to it)
 MAX_LOGIT_BIAS = 1024   # tokens in one logit_bias map
 MAX_STOP_TOKEN_IDS = 64  # stop_token_ids per request
@@ -170,7 +171,7 @@ class SamplingConfig:
     (0 = off; above the vocabulary means all tokens), ``min_p`` in [0, 1], ``seed`` None or int in
     [0, 2**63-1], ``stop`` a string or up to 16 non-empty valid-UTF-8 strings of at most 512 characters,
     ``stop_token_ids`` up to 64 token ids, ``n`` int in [1, 256], ``presence_penalty`` and
-    ``frequency_penalty`` in [-2, 2], ``repetition_penalty`` in (0, 2], ``min_tokens`` int in
+    ``frequency_penalty`` in [-2, 2], ``repetition_penalty`` in [0.01, 2], ``min_tokens`` int in
     [0, max_tokens], ``logit_bias`` {token id: bias in [-100, 100]} (up to 1024 tokens), ``logprobs``
     a bool, ``top_logprobs`` int in [0, 20] (needs ``logprobs``), ``response_format`` a ``ResponseFormat``
     or OpenAI's object. Token ids are checked against the model's vocabulary once it is known
@@ -211,8 +212,8 @@ class SamplingConfig:
         self.n = check_int("n", self.n, 1, MAX_N)
         self.presence_penalty = _in_range("presence_penalty", self.presence_penalty, -PENALTY_MAX, PENALTY_MAX)
         self.frequency_penalty = _in_range("frequency_penalty", self.frequency_penalty, -PENALTY_MAX, PENALTY_MAX)
-        self.repetition_penalty = _in_range("repetition_penalty", self.repetition_penalty, 0, PENALTY_MAX,
-                                            low_open=True)
+        self.repetition_penalty = _in_range("repetition_penalty", self.repetition_penalty, REPETITION_PENALTY_MIN,
+                                            PENALTY_MAX)
         self.min_tokens = check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
         self.logit_bias = check_logit_bias(self.logit_bias)
         if not isinstance(self.logprobs, bool):

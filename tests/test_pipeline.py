@@ -50,7 +50,7 @@ def test_bad_requests_name_the_field(pipe):
 
 @pytest.mark.parametrize("fields, needle", [
     ({"presence_penalty": 3.0}, r"presence_penalty: expected a number in \[-2, 2\]"),
-    ({"repetition_penalty": 0.0}, r"repetition_penalty: expected a number in \(0, 2\]"),
+    ({"repetition_penalty": 0.0}, r"repetition_penalty: expected a number in \[0.01, 2\]"),
     ({"frequency_penalty": "1"}, "frequency_penalty: expected a number, got str"),
     ({"min_p": True}, "min_p: expected a number, got bool"),
     ({"min_tokens": 9, "max_tokens": 8}, r"min_tokens: expected an integer in \[0, 8\]"),

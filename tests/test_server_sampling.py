@@ -158,6 +158,7 @@ def test_top_logprobs_equal_the_transformers_reference(backend_server, vllm_pair
 BAD = {  # body fields: (status, the field the error names)
     "presence_penalty": ({"presence_penalty": 2.5}, "presence_penalty"),
     "repetition_penalty": ({"repetition_penalty": 0}, "repetition_penalty"),
+    "denormal repetition_penalty": ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # logits / it overflow
     "min_p": ({"min_p": 1.5}, "min_p"),
     "logit_bias key": ({"logit_bias": {"abc": 1}}, "logit_bias"),
     "logit_bias value": ({"logit_bias": {"5": 101}}, "logit_bias"),

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import httpx
-import jsonschema
 import pytest
 from conftest import KEY
 
 from mmfuse import InputError
 from mmfuse.pipeline import MultimodalPipeline
 
-pytest.importorskip("xgrammar")
+pytest.importorskip("xgrammar")  # installed with vLLM
+jsonschema = pytest.importorskip("jsonschema")
 
 # every kind of JSON value, bounded so that a random model's answer always ends within MAX_TOKENS; the
 # string has a pattern: xgrammar 0.2.8's grammar lets raw control characters into free strings, which

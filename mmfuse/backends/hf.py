@@ -279,8 +279,9 @@ def _generate(prompts: Sequence[EncodedPrompt], rows: Mapping[str, torch.Tensor]
     lora = {}
     if model.adapters:  # peft's mixed batch: one adapter (or the bare LM) per row, rows repeated n times
         lora["adapter_names"] = [p.lora or "__base__" for p in prompts for _ in range(sampling.n)]
-    processors = LogitsProcessorList([*([tap] if tap else []), guard,
-                                      *logits_processors(sampling, prompts, stop_ids, model.device, grammar)])
+    # the tap sees the raw logits; the guard, after vLLM's processors, also catches what a penalty made non-finite
+    processors = LogitsProcessorList([*([tap] if tap else []),
+                                      *logits_processors(sampling, prompts, stop_ids, model.device, grammar), guard])
     out = model.lm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=gen,
                             logits_processor=processors, tokenizer=tok if sampling.stop else None, streamer=tap,
                             **lora)

@@ -21,7 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from ..chat import MAX_TEMPLATE_KWARGS
 from ..sampling import (INT32_MAX, LOGIT_BIAS_MAX, MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
-                        MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS, PENALTY_MAX, SEED_MAX)
+                        MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS, PENALTY_MAX, REPETITION_PENALTY_MIN, SEED_MAX)
 
 MAX_MESSAGES = 1024  # messages per chat request
 MAX_PARTS = 1024  # content parts per message
@@ -174,7 +174,7 @@ class _Sampling(_Strict):
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-LOGIT_BIAS_MAX, le=LOGIT_BIAS_MAX)]],
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None
     # extensions (vLLM's names and meanings)
-    repetition_penalty: float = Field(default=1.0, gt=0, le=PENALTY_MAX)
+    repetition_penalty: float = Field(default=1.0, ge=REPETITION_PENALTY_MIN, le=PENALTY_MAX)
     min_p: float = Field(default=0.0, ge=0, le=1)
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]],

@@ -136,6 +136,10 @@ class HFEngine:
             for i, j in enumerate(jobs):
                 _finish(j, e.results[i], InputError(e.failed[i]) if i in e.failed else None)
             return
+        except InputError as e:  # the batch's shared settings are refused (a response_format schema)
+            for j in jobs:
+                _finish(j, None, e)
+            return
         except Exception as e:  # noqa: BLE001 - handed to each waiting request, the worker keeps going
             log.exception("batch of %d failed", len(jobs))
             for j in jobs:
