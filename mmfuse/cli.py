@@ -175,6 +175,7 @@ examples:
   mmfuse bench throughput --help
   mmfuse bench serve --help
   mmfuse bench engine-core --help
+  mmfuse bench quantized --out q.json --plot q.png
 """,
 }
 
@@ -492,7 +493,7 @@ def _add_modality(args: argparse.Namespace) -> None:
 
 BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load",
               "engine-core": "mmfuse.bench.engine_core", "projectors": "mmfuse.bench.projectors",
-              "encoders": "mmfuse.bench.encoders"}
+              "encoders": "mmfuse.bench.encoders", "quantized": "mmfuse.bench.quantized"}
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -23,7 +23,9 @@ class MultimodalPipeline:
     ``backend``: ``"hf"`` (transformers), ``"vllm"``, or ``"auto"`` (vLLM when importable).
     Backend options are passed through: ``device``, ``dtype``, ``lora`` (both); for vLLM
     ``max_model_len``, ``kv_cache_gb`` / ``gpu_memory_utilization``, ``tensor_parallel_size``,
-    ``pipeline_parallel_size`` and any other ``vllm.LLM`` argument. ``chat_template``: a Jinja chat
+    ``pipeline_parallel_size`` and any other ``vllm.LLM`` argument; for transformers
+    ``quantization_config`` (quantize the LM on load: ``"torchao-int8"``, ``"bnb-8bit"``, ``"bnb-4bit"``
+    or a transformers config object). ``chat_template``: a Jinja chat
     template (text or file path) for ``messages`` instead of the tokenizer's own.
 
     ``lora``: LoRA adapters over the checkpoint's LM, ``{name: adapter directory}`` (or one directory,

@@ -140,3 +140,29 @@ def test_vllm_runs_a_quantized_base(quantized, reference, qwen3_model, scheme):
         assert len(got.token_ids) == GREEDY.max_tokens
     finally:
         backend.close()
+
+
+def test_hf_quantizes_on_load_with_torchao(qwen3_ckpt, reference, qwen3_model):
+    """The transformers backend's ``quantization_config``: torchao int8 weight-only over the fp32 checkpoint."""
+    pytest.importorskip("torchao")
+    from mmfuse.backends.hf import HFBackend, weight_bytes
+    backend = HFBackend(qwen3_ckpt, quantization_config="torchao-int8")
+    q_proj = backend.model.lm.model.layers[0].self_attn.q_proj.weight
+    assert type(q_proj).__module__.startswith("torchao")  # a torchao tensor, int8 inside
+    assert {p.dtype for p in backend.model.mm_projectors.parameters()} == {torch.float32}
+    full, small = weight_bytes(qwen3_model), backend.weight_bytes()
+    print(f"hf torchao-int8: weight bytes {small} vs {full} unquantized ({small / full:.2f})")
+    # the fp32 embedding table and head stay: they are most of this tiny model; its blocks' Linears shrink 4x
+    blocks = lambda m: weight_bytes(m.lm.model.layers)  # noqa: E731
+    assert blocks(backend.model) < 0.3 * blocks(qwen3_model)
+    encoded, refs = reference
+    hits = sum(_hf_hits(backend.model, e, r) for e, r in zip(encoded, refs))
+    _report("hf torchao-int8", "W8A8", hits, sum(map(len, refs)))
+
+
+def test_hf_quantization_config_is_checked(quantized, qwen3_ckpt):
+    from mmfuse.backends.hf import HFBackend
+    with pytest.raises(ConfigError, match="quantization_config: expected one of"):
+        HFBackend(qwen3_ckpt, quantization_config="int3")
+    with pytest.raises(ConfigError, match="quantization_config: .* already quantized"):
+        HFBackend(quantized["W8A8"], quantization_config="torchao-int8")

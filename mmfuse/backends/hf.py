@@ -23,6 +23,7 @@ from ..encoders import encode_items
 from ..inputs import EncodedPrompt, InputError, Item, PreparedPrompt
 from ..lora import LoraAdapter, open_adapters
 from ..projectors import build_projectors, project_items
+from ..quantization import hf_quantization_config
 from ..sampling import Completion, SamplingConfig, truncate_at_stop, visible_tokens
 from ..streaming import Delta, TextDeltas
 from .hf_sampling import OnToken, StepTap, compile_json, grammar_compiler, logits_processors, top_logprobs
@@ -117,18 +118,28 @@ class MMFuseModel(nn.Module):
 
 
 def load(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32) -> MMFuseModel:
-    """Open an mmfuse checkpoint (local directory or hub id) with transformers and validate it."""
+         dtype: torch.dtype = torch.float32, quantization_config=None) -> MMFuseModel:
+    """Open an mmfuse checkpoint (local directory or hub id) with transformers and validate it.
+
+    ``quantization_config`` quantizes the LM as it loads (``mmfuse.quantization.hf_quantization_config``:
+    ``"torchao-int8"``, ``"bnb-8bit"``, ``"bnb-4bit"`` or a transformers config object); the projectors
+    and encoders stay in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     ckpt = open_checkpoint(path_or_id)
     path = ckpt.path
     hf_config = AutoConfig.from_pretrained(path)
+    quantize = hf_quantization_config(quantization_config)
+    if quantize is not None and getattr(hf_config, "quantization_config", None) is not None:
+        raise ConfigError(f"quantization_config: {path} is already quantized (its config.json has one); "
+                          f"it runs as stored")
+    extra = {} if quantize is None else {"quantization_config": quantize, "device_map": str(device)}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the mm_projectors.* keys are "unexpected" to the bare LM by design
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, attn_implementation="eager")
+        lm = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, attn_implementation="eager",
+                                                  **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
     model = MMFuseModel(lm, ckpt)
@@ -173,13 +184,20 @@ def _load_projectors(model: MMFuseModel, path) -> None:
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers, each storage once (tied weights are one tensor)."""
-    seen, total = set(), 0
-    for t in module.state_dict(keep_vars=True).values():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of a module's parameters and buffers, each storage once (tied weights are one tensor); a
+    quantized tensor subclass (torchao) counts at the width of the tensors it holds, not its nominal dtype."""
+    seen: set[int] = set()
+
+    def stored(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__"):  # a wrapper subclass: its data lives in its inner tensors
+            return sum(stored(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+        if t.data_ptr() in seen:
+            return 0
+        seen.add(t.data_ptr())
+        return t.numel() * t.element_size()
+
+    return sum(stored(t.data if isinstance(t, nn.Parameter) else t)
+               for t in module.state_dict(keep_vars=True).values())
 
 
 class RequestsFailed(InputError):
@@ -319,15 +337,17 @@ def _completion(tok, stop_ids: set[int], seq: torch.Tensor, steps: torch.Tensor 
 class HFBackend(CheckpointBackend):
     """The transformers reference behind the ``Backend`` protocol.
 
-    ``lora``: LoRA adapters a prompt may name (``mmfuse.lora.open_adapters``), applied with peft."""
+    ``lora``: LoRA adapters a prompt may name (``mmfuse.lora.open_adapters``), applied with peft.
+    ``quantization_config``: quantize the LM as it loads (``mmfuse.quantization``, e.g. ``"torchao-int8"``)."""
 
     name = "hf"
 
     def __init__(self, model_path: str | os.PathLike, device: str | None = None, dtype: str = "float32",
-                 lora=None):
+                 lora=None, quantization_config=None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         adapters = open_adapters(lora)  # checked before the model loads
-        self.model = load(model_path, device=device, dtype=getattr(torch, dtype))
+        self.model = load(model_path, device=device, dtype=getattr(torch, dtype),
+                          quantization_config=quantization_config)
         attach_adapters(self.model, adapters)
         self.model.to(device)
         self.adapters = adapters

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
+from ..config import ConfigError
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..inputs import EncodedPrompt, InputError
 from ..logs import status, verbose
@@ -157,6 +158,9 @@ class VLLMBackend(CheckpointBackend):
                                 tensor_parallel_size=tensor_parallel_size,
                                 pipeline_parallel_size=pipeline_parallel_size,
                                 distributed_executor_backend=distributed_executor_backend)
+        if "quantization_config" in engine_kwargs:
+            raise ConfigError("quantization_config: a transformers backend option; vLLM runs a quantized checkpoint "
+                              "as stored (or takes its own `quantization` engine argument)")
         check_can_spawn(options.world_size)
         apply_process_defaults(options.world_size)
         from vllm import LLM

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 
+from ..quantization import SHORTHANDS as QUANTIZE_SHORTHANDS
 from .settings import BACKENDS, ServerSettings
 
 log = logging.getLogger("mmfuse.server")
@@ -70,6 +71,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--dtype", default=d.dtype)
     eng.add_argument("--device", default=None, help="transformers backend device")
     eng.add_argument("--torch-threads", type=int, default=None, help="transformers backend CPU threads")
+    eng.add_argument("--quantization-config", default=None, choices=sorted(QUANTIZE_SHORTHANDS),
+                     help="transformers backend: quantize the LM as it loads (vLLM runs a quantized checkpoint "
+                          "as stored)")
     eng.add_argument("--max-model-len", type=int, default=None, help="vLLM backend context length")
     eng.add_argument("--kv-cache-gb", type=float, default=None,
                      help="vLLM backend KV cache size in GiB (default: from free memory on CPU)")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..backends import BACKENDS
 from ..config import ConfigError
 from ..media import MediaLimits
+from ..quantization import SHORTHANDS as QUANTIZE_SHORTHANDS
 
 _DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$|^[0-9.]+$")
 
@@ -54,6 +55,7 @@ class ServerSettings:
     device: str | None = None  # transformers backend; None = cuda if available else cpu
     torch_threads: int | None = None  # transformers on CPU; None = torch's default. 1 suits tiny models
     # and shared machines, where idle OpenMP threads spin against other processes
+    quantization_config: str | None = None  # transformers backend: quantize the LM on load (mmfuse.quantization)
     max_model_len: int | None = None  # vLLM backend; None = the model's own
     kv_cache_gb: float | None = None  # vLLM backend; None = from free memory on CPU, vLLM's default on GPU
     gpu_memory_utilization: float | None = None  # vLLM backend: fraction of device memory (RAM on CPU)
@@ -81,6 +83,9 @@ class ServerSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1 or unset, got {value}")
+        if self.quantization_config is not None and self.quantization_config not in QUANTIZE_SHORTHANDS:
+            raise ConfigError(f"quantization_config: expected one of {sorted(QUANTIZE_SHORTHANDS)}, "
+                              f"got {self.quantization_config!r}")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ConfigError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
                              f"({self.max_tokens_limit})")

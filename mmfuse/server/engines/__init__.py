@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ...backends import select_backend
 from ...backends.vllm_defaults import EngineOptions
 from ...checkpoint import Checkpoint
+from ...config import ConfigError
 from ...inputs import EncodedPrompt, PreparedPrompt
 from ...streaming import Delta  # noqa: F401  (the engines' stream unit, re-exported)
 from ..settings import ServerSettings
@@ -49,6 +50,9 @@ def make_engine(settings: ServerSettings, on_batch=None):
     ``on_batch(requests, seconds)``: called after each transformers batch (vLLM batches per step itself).
     """
     if select_backend(settings.backend) == "vllm":
+        if settings.quantization_config is not None:
+            raise ConfigError("quantization_config: a transformers backend option; vLLM runs a quantized "
+                              "checkpoint as stored (README: quantized bases)")
         from .vllm import VLLMEngine
         return VLLMEngine(settings.model, engine_options(settings), adapters=settings.adapters,
                           max_num_seqs=settings.max_batch_size)
@@ -57,5 +61,7 @@ def make_engine(settings: ServerSettings, on_batch=None):
     if settings.torch_threads is not None:
         import torch
         torch.set_num_threads(settings.torch_threads)
-    return HFEngine(HFBackend(settings.model, device=settings.device, dtype=settings.dtype, lora=settings.adapters),
+    backend = HFBackend(settings.model, device=settings.device, dtype=settings.dtype, lora=settings.adapters,
+                        quantization_config=settings.quantization_config)
+    return HFEngine(backend,
                     max_batch_size=settings.max_batch_size, on_batch=on_batch)
