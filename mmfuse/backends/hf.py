@@ -116,9 +116,19 @@ class MMFuseModel(nn.Module):
         save_projectors(self.mm_projectors, out)
 
 
+# transformers attention kernels the backend may load the LM with. "eager" stays the default: it is the
+# reference the vLLM parity tests were measured against; "sdpa" (torch's fused attention) is faster on long
+# prompts and is what a fair transformers baseline runs (mmfuse bench throughput --hf-attn).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
 def load(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32) -> MMFuseModel:
-    """Open an mmfuse checkpoint (local directory or hub id) with transformers and validate it."""
+         dtype: torch.dtype = torch.float32, attn_implementation: str = "eager") -> MMFuseModel:
+    """Open an mmfuse checkpoint (local directory or hub id) with transformers and validate it.
+
+    ``attn_implementation``: one of ``ATTN_IMPLEMENTATIONS`` (transformers' name for the attention kernel)."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"attn_implementation: expected one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -128,7 +138,8 @@ def load(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the mm_projectors.* keys are "unexpected" to the bare LM by design
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, attn_implementation="eager")
+        lm = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
+                                                  attn_implementation=attn_implementation)
     finally:
         hf_logging.set_verbosity(verbosity)
     model = MMFuseModel(lm, ckpt)
@@ -319,15 +330,17 @@ def _completion(tok, stop_ids: set[int], seq: torch.Tensor, steps: torch.Tensor 
 class HFBackend(CheckpointBackend):
     """The transformers reference behind the ``Backend`` protocol.
 
-    ``lora``: LoRA adapters a prompt may name (``mmfuse.lora.open_adapters``), applied with peft."""
+    ``lora``: LoRA adapters a prompt may name (``mmfuse.lora.open_adapters``), applied with peft.
+    ``attn_implementation``: transformers' attention kernel, ``"eager"`` (the reference) or ``"sdpa"``."""
 
     name = "hf"
 
     def __init__(self, model_path: str | os.PathLike, device: str | None = None, dtype: str = "float32",
-                 lora=None):
+                 lora=None, attn_implementation: str = "eager"):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         adapters = open_adapters(lora)  # checked before the model loads
-        self.model = load(model_path, device=device, dtype=getattr(torch, dtype))
+        self.model = load(model_path, device=device, dtype=getattr(torch, dtype),
+                          attn_implementation=attn_implementation)
         attach_adapters(self.model, adapters)
         self.model.to(device)
         self.adapters = adapters
