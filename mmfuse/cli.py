@@ -175,6 +175,9 @@ examples:
   mmfuse bench throughput --help
   mmfuse bench serve --help
   mmfuse bench engine-core --help
+  mmfuse bench peer --quick          # the mmfuse plugin vs vLLM's own prompt_embeds
+  mmfuse bench prefix --quick        # shared prefix with items: cold vs warm TTFT
+  mmfuse bench server --quick        # wire decoding, server vs offline, scaling over clients
 """,
 }
 
@@ -492,7 +495,8 @@ def _add_modality(args: argparse.Namespace) -> None:
 
 BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load",
               "engine-core": "mmfuse.bench.engine_core", "projectors": "mmfuse.bench.projectors",
-              "encoders": "mmfuse.bench.encoders"}
+              "encoders": "mmfuse.bench.encoders", "peer": "mmfuse.bench.peer", "prefix": "mmfuse.bench.prefix",
+              "server": "mmfuse.bench.server"}
 
 
 def _bench(args: argparse.Namespace) -> int:
