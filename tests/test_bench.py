@@ -78,3 +78,12 @@ def test_sdpa_attention_gives_the_eager_greedy_tokens(qwen3_ckpt):
     sampling = SamplingConfig(max_tokens=12)
     assert [c[0].token_ids for c in sdpa.generate(prompts, sampling)] == \
         [c[0].token_ids for c in eager.generate(prompts, sampling)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_device_cuda_without_a_gpu_stops_with_the_reason():
+    from mmfuse.bench.device import check_device
+
+    assert check_device("cpu") == "float32"
+    with pytest.raises(SystemExit, match="no CUDA GPU is visible"):
+        check_device("cuda")

@@ -82,24 +82,42 @@ def gemm_kernels(a: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], obj
     return kernels
 
 
-def measure(quick: bool = False) -> MachineLimits:
-    """Measure each GEMM kernel and the copy / read bandwidth with the current torch thread settings."""
+def measure(quick: bool = False, device: str = "cpu") -> MachineLimits:
+    """Measure each GEMM kernel and the copy / read bandwidth with the current torch thread settings.
+
+    ``device="cuda"``: the GPU's bf16 ``torch.mm`` and its memory bandwidth instead (the run dtype there)."""
     m, k, n = (512 if quick else 2048), 1024, 3072
-    a, w = torch.randn(m, k), torch.randn(n, k)
     repeats = 3 if quick else 8
+    size = (64 if quick else 512) * 2**20 // 4  # float32 elements
+    if device == "cuda":
+        return _measure_cuda(m, k, n, size, repeats)
+    a, w = torch.randn(m, k), torch.randn(n, k)
     by_kernel = {}
     for name, fn in gemm_kernels(a, w).items():
         try:
             by_kernel[name] = 2 * m * k * n / _best(fn, repeats) / 1e9
         except RuntimeError:  # a kernel this build cannot run for these shapes is simply not a candidate
             continue
-    size = (64 if quick else 512) * 2**20 // 4  # float32 elements
     src, dst = torch.randn(size), torch.empty(size)
     copy_s = _best(lambda: dst.copy_(src), repeats)
     read_s = _best(lambda: src.sum(), repeats)
     return MachineLimits(gemm_gflops=max(by_kernel.values()), copy_gbps=2 * size * 4 / copy_s / 1e9,
                          read_gbps=size * 4 / read_s / 1e9, threads=torch.get_num_threads(), cpu=_cpu_name(),
                          cores=os.cpu_count() or 0, gemm_by_kernel=by_kernel, loadavg=os.getloadavg())
+
+
+def _measure_cuda(m: int, k: int, n: int, size: int, repeats: int) -> MachineLimits:
+    def synced(fn):  # GPU work is asynchronous: time to completion
+        return lambda: (fn(), torch.cuda.synchronize())
+
+    a, w = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    gemm = 2 * m * k * n / _best(synced(lambda: torch.mm(a, w.t())), repeats) / 1e9
+    src, dst = torch.randn(size, device="cuda"), torch.empty(size, device="cuda")
+    copy_s = _best(synced(lambda: dst.copy_(src)), repeats)
+    read_s = _best(synced(lambda: src.sum()), repeats)
+    return MachineLimits(gemm_gflops=gemm, copy_gbps=2 * size * 4 / copy_s / 1e9, read_gbps=size * 4 / read_s / 1e9,
+                         threads=torch.get_num_threads(), cpu=torch.cuda.get_device_name(), cores=os.cpu_count() or 0,
+                         gemm_by_kernel={"torch.mm bf16 (cuda)": gemm}, loadavg=os.getloadavg())
 
 
 # -- the theoretical peak --------------------------------------------------------------------------------------
@@ -192,14 +210,14 @@ def loadavg_text() -> str:
 class Bounds:
     """Machine limits sampled before and after each section of a run; the bound is the maximum seen."""
 
-    def __init__(self, quick: bool = False):
-        self.quick = quick
+    def __init__(self, quick: bool = False, device: str = "cpu"):
+        self.quick, self.device = quick, device
         self.samples: list[tuple[str, MachineLimits]] = []
-        self.peak = this_cpu_peak()
+        self.peak = this_cpu_peak() if device == "cpu" else None  # a GPU's peak is not read from /proc/cpuinfo
 
     def sample(self, label: str) -> MachineLimits:
         """Measure now (``label``: e.g. 'before prefix'); print one line with the load average."""
-        limits = measure(self.quick)
+        limits = measure(self.quick, self.device)
         self.samples.append((label, limits))
         kernels = ", ".join(f"{k} {v:.1f}" for k, v in limits.gemm_by_kernel.items())
         print(f"bounds {label}: fp32 GEMM {kernels} GFLOP/s; copy {limits.copy_gbps:.1f} GB/s, read "

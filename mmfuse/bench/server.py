@@ -219,7 +219,7 @@ def table(r: dict) -> str:
     lines = [f"Wire: one 16 x 1024 float32 base64 item decoded in {w['decode_p50_ms']:.3f} ms (p99 {w['decode_p99_ms']:.3f}), "
              f"its {w['body_bytes']:,}-byte body parsed in {w['parse_p50_ms']:.3f} ms (p99 {w['parse_p99_ms']:.3f}): "
              f"target < 1 ms {'met' if w['target_met'] else 'not met'}.", "",
-             f"{o['requests']} requests, all at once | output tok/s | p50 ms | p99 ms | peak RSS MB | load average",
+             f"| {o['requests']} requests, all at once | output tok/s | p50 ms | p99 ms | peak RSS MB | load average",
              "|---|---:|---:|---:|---:|---|"]
     for name, x, rss in (("offline VLLMBackend", o, o["peak_rss_mb"]), ("mmfuse serve (HTTP, base64)", s,
                                                                          r["server"]["peak_rss_mb"])):

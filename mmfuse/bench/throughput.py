@@ -265,8 +265,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dtype = check_device(args.device)
     args.hf_attn = args.hf_attn.split(",")
     cores = os.cpu_count() or 1
-    args.hf_threads = ([int(t) for t in args.hf_threads.split(",")] if args.hf_threads
-                       else sorted({min(2 ** i, cores) for i in range(cores.bit_length() + 1)}))
+    if args.hf_threads:
+        args.hf_threads = [int(t) for t in args.hf_threads.split(",")]
+    else:  # on a GPU the host threads only feed the launches: no choice worth timing
+        args.hf_threads = ([cores] if args.device == "cuda"
+                           else sorted({min(2 ** i, cores) for i in range(cores.bit_length() + 1)}))
     q = args.quick
     args.layers = args.layers or (4 if q else 28)
     args.batches = [1, 4, 8] if q else [1, 8, 32]
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers)", flush=True)
     ckpt = build_checkpoint(cfg.workdir, cfg.layers)
     cost = ModelCost.of(AutoConfig.from_pretrained(ckpt))
-    bounds = Bounds(quick=cfg.quick)
+    bounds = Bounds(quick=cfg.quick, device=cfg.device)
     bounds.sample("start")
     from ..checkpoint import open_checkpoint
     specs = open_checkpoint(ckpt).specs
