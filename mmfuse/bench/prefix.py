@@ -102,13 +102,15 @@ def worker(cfg: argparse.Namespace) -> dict:
 
 def table(r: dict) -> str:
     lines = ["| side | prompt tokens | cached | suffix tokens | cold TTFT ms | warm TTFT ms | suffix-only TTFT ms | "
-             "cold / warm | warm / suffix (target <= 1.5) | load average at end |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "cold / warm | warm / suffix (target <= 1.5) | load average at end |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for side in r["sides"]:
         x, m = r[side], r[side]["median"]
         one = x["rounds"][-1]
         lines.append(f"| {side} | {one['prompt_tokens']} | {one['cached_tokens']} | {one['suffix_tokens']} | "
                      f"{1000 * m['cold_s']:.1f} | {1000 * m['warm_s']:.1f} | {1000 * m['suffix_s']:.1f} | "
-                     f"{m['cold_over_warm']:.1f}x | {m['warm_over_suffix']:.2f} ({'met' if x['target_met'] else 'not met'}) | "
+                     f"{m['cold_over_warm']:.1f}x | {m['warm_over_suffix']:.2f} "
+                     f"({'met' if x['target_met'] else 'not met'}) | "
                      f"{', '.join(f'{v:.2f}' for v in x['loadavg']['after'])} |")
     return "\n".join(lines)
 

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -190,9 +189,9 @@ def run_server(cfg, ckpt: Path, expected: list[str], log: Path) -> dict:
     from .serve_load import KEY, run_load, start_server
 
     items = bodies(open_checkpoint(ckpt).specs, cfg)
+    queue = 4 * max(cfg.clients + [cfg.requests])  # never a 429: every request of the run is in flight at once
     server = start_server(ckpt, "--backend", "vllm", "--dtype", cfg.dtype, "--kv-cache-gb", str(cfg.kv_cache_gb),
-                          "--max-model-len", str(cfg.max_model_len), "--max-queue", str(4 * max(cfg.clients + [cfg.requests])),
-                          log=log)
+                          "--max-model-len", str(cfg.max_model_len), "--max-queue", str(queue), log=log)
     try:
         model = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"]
         asyncio.run(_all_at_once(server.url, model, items[:2]))  # warm-up
@@ -229,7 +228,8 @@ def table(r: dict) -> str:
     lines += ["", f"server / offline throughput **{sm['throughput_ratio']:.2f}** (target >= 0.9: "
               f"{'met' if sm['throughput_ratio'] >= 0.9 else 'not met'}); p50 overhead **{100 * sm['p50_overhead']:.0f}%** "
               f"(target < 10%: {'met' if sm['p50_overhead'] < 0.1 else 'not met'}); answers differing from offline: "
-              f"{s['mismatches']}.", "", "| clients | requests | errors | req/s | p50 ms | p99 ms | server peak RSS MB | load average |",
+              f"{s['mismatches']}.", "",
+              "| clients | requests | errors | req/s | p50 ms | p99 ms | server peak RSS MB | load average |",
               "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["server"]["scaling"]:
         lines.append(f"| {x['clients']} | {x['requests']} | {x['errors']} | {x['requests_per_s']:.2f} | "
