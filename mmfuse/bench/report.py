@@ -1,4 +1,5 @@
-"""Markdown tables from a throughput result JSON: ``python -m mmfuse.bench.report docs/bench_throughput.json``."""
+"""Markdown tables from a benchmark's result JSON: ``python -m mmfuse.bench.report docs/bench_throughput.json``
+(also the JSON of ``mmfuse bench peer``, ``prefix`` and ``server``: each module's own ``table``)."""
 from __future__ import annotations
 
 import json
@@ -75,5 +76,18 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
+def render_any(r: dict) -> str:
+    """The tables of whichever benchmark wrote ``r`` (told apart by their top-level keys)."""
+    if "sides" in r:
+        from .prefix import table
+    elif "prompt_embeds" in r:
+        from .peer import table
+    elif "wire" in r:
+        from .server import table
+    else:
+        return render(r)
+    return table(r)
+
+
 if __name__ == "__main__":
-    print(render(json.loads(Path(sys.argv[1]).read_text())))
+    print(render_any(json.loads(Path(sys.argv[1]).read_text())))
