@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("MMFUSE_BENCH_DIR", "/tmp/mmfuse-bench")))
     ap.add_argument("--json", type=Path, default=Path("docs/bench_prefix.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/bench_prefix.png"))
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="write a cProfile of each engine process here (DIR/NAME-SIDE.prof and .txt): where the time goes")
     add_device_arg(ap)
     ap.add_argument("--worker", choices=["mmfuse", "prompt_embeds"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -141,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.worker:
-        result = worker(cfg)
+        from .sides import profiled
+
+        result = profiled(lambda: worker(cfg), cfg.profile / f"prefix-{cfg.worker}.prof" if cfg.profile else None)
         cfg.worker_out.write_text(json.dumps(result))
         return result
     from .sides import run_worker

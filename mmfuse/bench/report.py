@@ -43,7 +43,8 @@ def render(r: dict) -> str:
                   "| attention | torch threads | output tok/s |", "|---|---:|---:|"]
         lines += [f"| {p['attn']} | {p['threads']} | {p['out_tok_s']:.2f} |" for p in r["hf"]["probes"]]
     if "loadavg" in r["hf"]:
-        lines += ["", f"Load: transformers part {_load(r['hf']['loadavg'])}; vLLM part {_load(r['vllm']['loadavg'])}."]
+        lines += ["", f"Load: transformers part {_load(r['hf']['loadavg'])}; vLLM part {_load(r['vllm']['loadavg'])}. "
+                  f"transformers peak RSS {r['hf']['peak_rss_mb']:.0f} MB (one model loaded at a time)."]
     lines += ["", f"(a) 4 items per prompt, {r['config']['out_tokens']} new tokens (prefill: max_tokens=1 on fresh "
               "same-length prompts)", "",
               "| batch | backend | prompt tokens | prefill tok/s | decode tok/s | end-to-end output tok/s |",

@@ -124,6 +124,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def profiled(fn, path: Path | None):
+    """``fn()``, under cProfile when ``path`` is given: stats to ``path`` and the top 40 by cumulative time to
+    ``path``.txt (the in-process engine core runs in this thread, so the model's forward is in the profile)."""
+    if path is None:
+        return fn()
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(fn)
+    finally:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prof.dump_stats(path)
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+        path.with_suffix(".txt").write_text(text.getvalue())
+
+
 def run_worker(module: str, side: str, argv: list[str], out: Path) -> dict:
     """``python -m MODULE ARGV --worker SIDE --worker-out OUT`` in a fresh process; its JSON result."""
     cmd = [sys.executable, "-m", module, *argv, "--worker", side, "--worker-out", str(out)]

@@ -24,13 +24,14 @@ import argparse
 import gc
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from .device import add_device_arg, check_device
-from .machine import Bounds, MachineLimits, ModelCost, fraction, loadavg_text
+from .machine import Bounds, MachineLimits, ModelCost, fraction, fraction_text, loadavg_text
 from .workload import build_checkpoint, make_mixed, make_prompts
 
 PROMPT_WORDS = 24  # ~30 text tokens + 14 soft rows from 4 items: a short, item-heavy prompt
@@ -91,18 +92,23 @@ def choose_hf_config(ckpt: Path, cfg: argparse.Namespace) -> tuple[Bench, dict, 
 
     The probe: ``cfg.probe_batch`` fresh prompts (4 items each), ``cfg.out_tokens`` new tokens, so both
     prefill and decode count. Each option gets its own fresh prompts (no cache is involved in transformers,
-    but equal lengths keep the work equal). Returns the chosen backend (threads left set), the choice, and
-    every probe."""
+    but equal lengths keep the work equal). Each model is freed after its probes and the chosen one loaded
+    again, so one model is in memory at a time (the peak RSS is one backend's). Returns the chosen backend
+    (threads left set), the choice, and every probe."""
     import torch
 
     from ..backends.hf import HFBackend
     from ..sampling import SamplingConfig
 
-    probes: list[dict] = []
-    best: tuple[float, Bench | None, dict] = (0.0, None, {})
-    for attn in cfg.hf_attn:
+    def load(attn: str) -> Bench:
         bench = Bench(HFBackend(ckpt, device=cfg.device, dtype=cfg.dtype, attn_implementation=attn))
         bench.generate(make_prompts(bench.backend.specs, 2, 1, items=4, words=8), SamplingConfig(max_tokens=2))
+        return bench
+
+    probes: list[dict] = []
+    best: tuple[float, dict] = (0.0, {})
+    for attn in cfg.hf_attn:
+        bench = load(attn)
         for threads in cfg.hf_threads:
             torch.set_num_threads(threads)
             ps = make_prompts(bench.backend.specs, cfg.probe_batch, 900 + len(probes), items=4, words=PROMPT_WORDS)
@@ -111,12 +117,12 @@ def choose_hf_config(ckpt: Path, cfg: argparse.Namespace) -> tuple[Bench, dict, 
             probes.append(probe)
             print(f"  hf    probe {attn:5s} {threads} thread(s): {probe['out_tok_s']:.1f} out tok/s", flush=True)
             if probe["out_tok_s"] > best[0]:
-                best = (probe["out_tok_s"], bench, dict(attn=attn, threads=threads))
-        if best[1] is not bench:
-            del bench
-            gc.collect()
-    _, bench, choice = best
+                best = (probe["out_tok_s"], dict(attn=attn, threads=threads))
+        del bench
+        gc.collect()
+    choice = best[1]
     torch.set_num_threads(choice["threads"])
+    bench = load(choice["attn"])
     print(f"  hf    chosen: {choice['attn']} attention, {choice['threads']} thread(s)", flush=True)
     return bench, choice, probes
 
@@ -142,7 +148,9 @@ def run_hf(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
     del bench
     gc.collect()
     torch.set_num_threads(default_threads)  # vLLM's part runs with the process default
-    return dict(config=choice, probes=probes, batches=rows,
+    # the process's peak so far: transformers runs first, so this is its peak (vLLM's: mmfuse bench server)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(config=choice, probes=probes, batches=rows, peak_rss_mb=peak_rss_mb,
                 mixed=dict(seconds=t_mixed, out_tokens=useful, tok_s=useful / t_mixed, hf_batch=cfg.hf_batch))
 
 
@@ -319,11 +327,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.json.parent.mkdir(parents=True, exist_ok=True)
     cfg.json.write_text(json.dumps(result, indent=1))
     plot(result, cfg.plot)
-    fr = result["fractions"]
+    fr = result["fractions"]["vllm"]
+    pre = fraction_text(dict(fraction=fr["prefill_fraction"], measurement_error=fr["prefill_error"]))
+    dec = fraction_text(dict(fraction=fr["decode_fraction"], measurement_error=fr["decode_error"]))
     print(f"(b) mixed: vllm {result['mixed_speedup']:.2f}x transformers; (c) items/text "
-          f"{result['vllm']['items_vs_text']['ratio']:.3f}; (d) vllm prefill {fr['vllm']['prefill_fraction']:.2f} "
-          f"of GEMM bound, decode {fr['vllm']['decode_fraction']:.2f} of bandwidth bound; "
-          f"wall {result['wall_s']:.0f} s -> {cfg.json}, {cfg.plot}", flush=True)
+          f"{result['vllm']['items_vs_text']['ratio']:.3f}; (d) vllm prefill {pre} of GEMM bound, decode {dec} of "
+          f"bandwidth bound; {loadavg_text()}; wall {result['wall_s']:.0f} s -> {cfg.json}, {cfg.plot}", flush=True)
     return result
 
 
