@@ -14,10 +14,11 @@ settings, on the same Qwen3-0.6B-shaped random model as ``mmfuse bench throughpu
   bytes       per request: offline, the data handed to the engine (mmfuse: token ids + item
               floats; peer: the [S, H] tensor); over HTTP, the JSON body (mmfuse: base64 items in
               ``/v1/completions``; peer: vLLM's base64 ``torch.save`` ``prompt_embeds``);
-  cache       a long document followed by items: cold, the same request again (same vectors),
-              then the document with different vectors; each output is checked against the same
-              request computed with an empty prefix cache (a cache shared across different vectors
-              would give the first vectors' answer).
+  cache       a long document followed by items: TTFT cold, of the same request again (same
+              vectors), then of the document with different vectors; then the same sequence with
+              ``--out-tokens`` tokens and logprobs, each output checked against the same request
+              computed with an empty prefix cache (a cache shared across different vectors would
+              give the first vectors' answer).
 
 Writes JSON and a PNG; ``--quick`` is a smoke run (1-2 layers, few requests).
 """
@@ -83,11 +84,13 @@ def cache_behaviour(side, cfg) -> dict:
             f"with {specs['audio'].placeholder} now")
     a = side.checkpoint.encode(prepare(text, make_items(specs, 41), specs))
     b = side.checkpoint.encode(prepare(text, make_items(specs, 42), specs))
-    # logprobs too: on a random model different vectors may well give the same greedy tokens, but never the same
-    # logprobs, so a cache reused across vectors shows even when the text does not
-    params = SamplingParams(max_tokens=cfg.out_tokens, temperature=0, logprobs=0)
+    timing = SamplingParams(max_tokens=1, temperature=0)
+    # the outputs are checked with logprobs too: on a random model different vectors may well give the same greedy
+    # tokens, but never the same logprobs, so a cache reused across vectors shows even when the text does not.
+    # Timed apart: vLLM compiles its logprobs gather per shape, which would land in the TTFTs
+    checking = SamplingParams(max_tokens=cfg.out_tokens, temperature=0, logprobs=0)
 
-    def run(p, reset: bool) -> dict:
+    def run(p, reset: bool, params) -> dict:
         if reset:
             side.llm.reset_prefix_cache()
         return time_requests(side, [p], params)[0]
@@ -96,23 +99,21 @@ def cache_behaviour(side, cfg) -> dict:
         gap = max(abs(u - v) for u, v in zip(x["logprobs"], y["logprobs"]))
         return x["token_ids"] == y["token_ids"] and gap < LOGPROB_TOL
 
-    run(side.checkpoint.encode(prepare("warm up", {}, specs)), True)  # the first logprobs request pays one-off costs
-    cold_a, warm_a, diff_b, cold_b = run(a, True), run(a, False), run(b, False), run(b, True)
-    return dict(prompt_tokens=a.num_tokens, cold=cold_a, same_vectors=warm_a, different_vectors=diff_b,
-                different_vectors_cold=cold_b, same_vectors_correct=same(warm_a, cold_a),
-                different_vectors_correct=same(diff_b, cold_b), vectors_change_output=not same(cold_a, cold_b))
+    t_cold, t_same, t_diff = run(a, True, timing), run(a, False, timing), run(b, False, timing)
+    cold_a, warm_a = run(a, True, checking), run(a, False, checking)
+    diff_b, cold_b = run(b, False, checking), run(b, True, checking)
+    return dict(prompt_tokens=a.num_tokens, cold=t_cold, same_vectors=t_same, different_vectors=t_diff,
+                same_vectors_correct=same(warm_a, cold_a), different_vectors_correct=same(diff_b, cold_b),
+                vectors_change_output=not same(cold_a, cold_b), different_vectors_cached_tokens=diff_b["num_cached_tokens"])
 
 
-def worker(cfg: argparse.Namespace) -> dict:
+def measure(side, cfg: argparse.Namespace) -> dict:
+    """Parity tokens, throughput, TTFT, bytes and cache behaviour of one side (its engine started)."""
     from vllm import SamplingParams
 
-    from .sides import SIDES, peak_rss_mb, time_requests
+    from .sides import time_requests
 
-    load_before = os.getloadavg()
-    ckpt = build_checkpoint(cfg.workdir, cfg.layers)
-    t0 = time.perf_counter()
-    side = SIDES[cfg.worker](ckpt, base_dir(cfg.workdir, cfg.layers), cfg.dtype, cfg.max_model_len, cfg.kv_cache_gb)
-    out = dict(side=side.name, startup_s=time.perf_counter() - t0)
+    out: dict = {}
     specs, encode = side.checkpoint.specs, side.checkpoint.encode
 
     def prompts(n: int, seed: int):
@@ -141,6 +142,19 @@ def worker(cfg: argparse.Namespace) -> dict:
                         server=statistics.mean(side.server_bytes(p, cfg.out_tokens) for p in sample),
                         prompt_tokens=statistics.mean(encode(p).num_tokens for p in sample))
     out["cache"] = cache_behaviour(side, cfg)
+    return out
+
+
+def worker(cfg: argparse.Namespace) -> dict:
+    """One side in this process: start its engine, measure, close; the result for the parent."""
+    from .sides import SIDES, peak_rss_mb, profiled
+
+    load_before = os.getloadavg()
+    ckpt = build_checkpoint(cfg.workdir, cfg.layers)
+    t0 = time.perf_counter()
+    side = SIDES[cfg.worker](ckpt, base_dir(cfg.workdir, cfg.layers), cfg.dtype, cfg.max_model_len, cfg.kv_cache_gb)
+    out = dict(side=side.name, startup_s=time.perf_counter() - t0)
+    out |= profiled(lambda: measure(side, cfg), cfg.profile, f"peer-{side.name}")
     out["peak_rss_mb"] = peak_rss_mb()
     out["loadavg"] = {"before": load_before, "after": os.getloadavg()}
     side.close()
@@ -227,9 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.worker:
-        from .sides import profiled
-
-        result = profiled(lambda: worker(cfg), cfg.profile / f"peer-{cfg.worker}.prof" if cfg.profile else None)
+        result = worker(cfg)
         cfg.worker_out.write_text(json.dumps(result))
         return result
     from .sides import run_worker

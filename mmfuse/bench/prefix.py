@@ -88,13 +88,13 @@ def one_round(side, cfg, r: int) -> dict:
 
 
 def worker(cfg: argparse.Namespace) -> dict:
-    from .sides import SIDES, peak_rss_mb
+    from .sides import SIDES, peak_rss_mb, profiled
 
     before = os.getloadavg()
     ckpt = build_checkpoint(cfg.workdir, cfg.layers)
     side = SIDES[cfg.worker](ckpt, base_dir(cfg.workdir, cfg.layers), cfg.dtype, cfg.max_model_len, cfg.kv_cache_gb)
     one_round(side, cfg, -1)  # warm-up: the first requests of an engine pay one-off costs
-    rounds = [one_round(side, cfg, r) for r in range(cfg.rounds)]
+    rounds = profiled(lambda: [one_round(side, cfg, r) for r in range(cfg.rounds)], cfg.profile, f"prefix-{side.name}")
     med = {k: statistics.median(x[k] for x in rounds) for k in ("cold_s", "warm_s", "suffix_s", "warm_over_suffix",
                                                                  "cold_over_warm")}
     side.close()
@@ -143,9 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.worker:
-        from .sides import profiled
-
-        result = profiled(lambda: worker(cfg), cfg.profile / f"prefix-{cfg.worker}.prof" if cfg.profile else None)
+        result = worker(cfg)
         cfg.worker_out.write_text(json.dumps(result))
         return result
     from .sides import run_worker

@@ -102,7 +102,7 @@ def offline_worker(cfg: argparse.Namespace) -> dict:
 
     from ..backends.vllm import to_completion
     from ..sampling import SamplingConfig
-    from .sides import PluginSide, peak_rss_mb, time_requests
+    from .sides import PluginSide, peak_rss_mb, profiled, time_requests
 
     ckpt = build_checkpoint(cfg.workdir, cfg.layers)
     side = PluginSide(ckpt, ckpt, cfg.dtype, cfg.max_model_len, cfg.kv_cache_gb)
@@ -111,7 +111,7 @@ def offline_worker(cfg: argparse.Namespace) -> dict:
     time_requests(side, encoded[:2], params)  # warm-up
     side.llm.reset_prefix_cache()  # the timed run computes everything, as the server's will
     t = time.perf_counter()
-    res = time_requests(side, encoded, params)
+    res = profiled(lambda: time_requests(side, encoded, params), cfg.profile, "server-offline")
     wall = time.perf_counter() - t
     texts = [to_completion(SimpleNamespace(token_ids=r["token_ids"], finish_reason=None, logprobs=None),
                            side.checkpoint.tokenizer, SamplingConfig(max_tokens=cfg.max_tokens)).text for r in res]
@@ -274,9 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.worker:
-        from .sides import profiled
-
-        result = profiled(lambda: offline_worker(cfg), cfg.profile / f"server-{cfg.worker}.prof" if cfg.profile else None)
+        result = offline_worker(cfg)
         cfg.worker_out.write_text(json.dumps(result))
         return result
     from .sides import run_worker

@@ -124,11 +124,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def profiled(fn, path: Path | None):
-    """``fn()``, under cProfile when ``path`` is given: stats to ``path`` and the top 40 by cumulative time to
-    ``path``.txt (the in-process engine core runs in this thread, so the model's forward is in the profile)."""
-    if path is None:
+def profiled(fn, profile_dir: Path | None, name: str):
+    """``fn()``, under cProfile when ``profile_dir`` is given: stats to DIR/NAME.prof and the top 40 by cumulative
+    time to DIR/NAME.txt (the in-process engine core runs in this thread, so the model's forward is in it).
+    Workers wrap only their measurements in it, not the engine start."""
+    if profile_dir is None:
         return fn()
+    path = profile_dir / f"{name}.prof"
     import cProfile
     import io
     import pstats
