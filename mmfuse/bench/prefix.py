@@ -97,9 +97,10 @@ def worker(cfg: argparse.Namespace) -> dict:
     rounds = profiled(lambda: [one_round(side, cfg, r) for r in range(cfg.rounds)], cfg.profile, f"prefix-{side.name}")
     med = {k: statistics.median(x[k] for x in rounds) for k in ("cold_s", "warm_s", "suffix_s", "warm_over_suffix",
                                                                  "cold_over_warm")}
+    rss = peak_rss_mb()
     side.close()
     return dict(side=side.name, rounds=rounds, median=med, target_met=med["warm_over_suffix"] <= TARGET,
-                peak_rss_mb=peak_rss_mb(), loadavg={"before": before, "after": os.getloadavg()})
+                peak_rss_mb=rss, loadavg={"before": before, "after": os.getloadavg()})
 
 
 def table(r: dict) -> str:

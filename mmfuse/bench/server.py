@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 32, --quick 8)")
     ap.add_argument("--clients", default=None, help="concurrent clients to scale over (default 1,4,16,64)")
     ap.add_argument("--wire-runs", type=int, default=200, help="decodes timed in the wire micro-benchmark")
+    ap.add_argument("--offline-core", choices=["inprocess", "process"], default="inprocess",
+                    help="where the offline backend's engine core runs: in the caller's process (mmfuse's CPU "
+                         "default) or in its own, as the server's does (vLLM's default)")
     ap.add_argument("--kv-cache-gb", type=float, default=1.0)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("MMFUSE_BENCH_DIR", "/tmp/mmfuse-bench")))
@@ -105,6 +108,8 @@ def offline_worker(cfg: argparse.Namespace) -> dict:
     from .sides import PluginSide, peak_rss_mb, profiled, time_requests
 
     ckpt = build_checkpoint(cfg.workdir, cfg.layers)
+    # read by offline_engine_core (a user's setting wins over mmfuse's in-process default)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.offline_core == "process" else "0"
     side = PluginSide(ckpt, ckpt, cfg.dtype, cfg.max_model_len, cfg.kv_cache_gb)
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0)
     encoded = [side.checkpoint.encode(p) for p in requests(side.checkpoint.specs, cfg)]
@@ -115,9 +120,10 @@ def offline_worker(cfg: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t
     texts = [to_completion(SimpleNamespace(token_ids=r["token_ids"], finish_reason=None, logprobs=None),
                            side.checkpoint.tokenizer, SamplingConfig(max_tokens=cfg.max_tokens)).text for r in res]
+    rss = peak_rss_mb()
     side.close()
     return summary([r["latency_s"] for r in res], wall, sum(len(r["token_ids"]) for r in res)) | dict(
-        texts=texts, peak_rss_mb=peak_rss_mb())
+        texts=texts, peak_rss_mb=rss)
 
 
 def summary(latencies: list[float], wall: float, out_tokens: int | None) -> dict:
@@ -138,30 +144,6 @@ def bodies(specs, cfg) -> list[tuple[str, dict]]:
                                  "multimodal_embeddings": {n: [encode_embedding(np.asarray(x)) for x in its]
                                                            for n, its in p.items.items()}})
             for p in requests(specs, cfg)]
-
-
-def server_rss_mb(pid: int) -> float:
-    """Peak RSS (VmHWM) of a process and all its descendants, summed, MB: the server and its engine core."""
-    def children(p: int) -> list[int]:
-        out = []
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                out += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-        return out
-
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += children(p)
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
 
 
 async def _all_at_once(url: str, model: str, items: list[tuple[str, dict]]) -> tuple[list, list, float, int]:
@@ -189,6 +171,7 @@ def run_server(cfg, ckpt: Path, expected: list[str], log: Path) -> dict:
 
     from ..checkpoint import open_checkpoint
     from .serve_load import KEY, run_load, start_server
+    from .sides import peak_rss_mb
 
     items = bodies(open_checkpoint(ckpt).specs, cfg)
     queue = 4 * max(cfg.clients + [cfg.requests])  # never a 429: every request of the run is in flight at once
@@ -204,11 +187,11 @@ def run_server(cfg, ckpt: Path, expected: list[str], log: Path) -> dict:
         for c in cfg.clients:
             per = max(1, cfg.requests // c)
             r = asyncio.run(run_load(server.url, KEY, model, items, expected, c, per))
-            scaling.append(r.summary() | {"peak_rss_mb": server_rss_mb(server.proc.pid), "loadavg": os.getloadavg(),
+            scaling.append(r.summary() | {"peak_rss_mb": peak_rss_mb(server.proc.pid), "loadavg": os.getloadavg(),
                                           "first_errors": r.errors[:3]})
             print(f"  {c:3d} clients: {scaling[-1]['requests_per_s']:.2f} req/s, p50 {scaling[-1]['latency_p50_ms']} ms, "
                   f"p99 {scaling[-1]['latency_p99_ms']} ms, errors {scaling[-1]['errors']}; {loadavg_text()}", flush=True)
-        rss = server_rss_mb(server.proc.pid)
+        rss = peak_rss_mb(server.proc.pid)
     finally:
         server.stop()
     return dict(at_once=at_once, scaling=scaling, peak_rss_mb=rss)
@@ -220,9 +203,10 @@ def table(r: dict) -> str:
     lines = [f"Wire: one 16 x 1024 float32 base64 item decoded in {w['decode_p50_ms']:.3f} ms (p99 {w['decode_p99_ms']:.3f}), "
              f"its {w['body_bytes']:,}-byte body parsed in {w['parse_p50_ms']:.3f} ms (p99 {w['parse_p99_ms']:.3f}): "
              f"target < 1 ms {'met' if w['target_met'] else 'not met'}.", "",
-             f"| {o['requests']} requests, all at once | output tok/s | p50 ms | p99 ms | peak RSS MB | load average",
+             f"| {o['requests']} requests, all at once | output tok/s | p50 ms | p99 ms | peak RSS MB | load average |",
              "|---|---:|---:|---:|---:|---|"]
-    for name, x, rss in (("offline VLLMBackend", o, o["peak_rss_mb"]), ("mmfuse serve (HTTP, base64)", s,
+    core = r.get("offline_core", "inprocess")
+    for name, x, rss in ((f"offline VLLMBackend (engine core {core})", o, o["peak_rss_mb"]), ("mmfuse serve (HTTP, base64)", s,
                                                                          r["server"]["peak_rss_mb"])):
         lines.append(f"| {name} | {x['out_tok_s']:.1f} | {x['p50_ms']:.0f} | {x['p99_ms']:.0f} | {rss:.0f} | "
                      f"{', '.join(f'{v:.2f}' for v in x['loadavg'])} |")
@@ -281,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers); {loadavg_text()}", flush=True)
     ckpt = build_checkpoint(cfg.workdir, cfg.layers)
-    result = {"command": "mmfuse bench server " + " ".join(argv), "targets": TARGETS,
+    result = {"command": "mmfuse bench server " + " ".join(argv), "targets": TARGETS, "offline_core": cfg.offline_core,
               "loadavg": {"before": os.getloadavg()}, "wire": wire(cfg.wire_runs)}
     with tempfile.TemporaryDirectory() as tmp:
         result["offline"] = run_worker("mmfuse.bench.server", "offline", argv, Path(tmp) / "offline.json")

@@ -13,6 +13,7 @@ with the other's, and each process's peak RSS is the side's.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -119,9 +120,30 @@ def time_requests(side, prompts: list[EncodedPrompt], params) -> list[dict]:
     return [out[i] for i in ids]
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (the in-process engine core included), MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak resident memory (VmHWM) of a process (default: this one) plus all its live descendants, summed, MB:
+    an engine core in its own process counts with its caller. Call it before the engine shuts down."""
+    def children(p: int) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                out += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return out
+
+    total, todo = 0.0, [pid or os.getpid()]
+    while todo:
+        p = todo.pop()
+        todo += children(p)
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:  # gone meanwhile, or no /proc (not Linux): this process's own peak at least
+            if p == os.getpid():
+                total += resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return total
 
 
 def profiled(fn, profile_dir: Path | None, name: str):
