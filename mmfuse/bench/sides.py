@@ -91,6 +91,8 @@ class EmbedsSide:
         return server_body_bytes(self.embedder(self.checkpoint.encode(prepared)), max_tokens)
 
     def close(self) -> None:
+        # the only engine of its worker process (run_worker), so shutting its core down cannot pull vLLM's
+        # process-wide state from under another in-process engine (VLLMBackend.close guards that case)
         self.llm.llm_engine.engine_core.shutdown()
 
 
