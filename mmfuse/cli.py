@@ -176,6 +176,9 @@ examples:
   mmfuse bench serve --help
   mmfuse bench engine-core --help
   mmfuse bench quantized --out q.json --plot q.png
+  mmfuse bench peer --quick          # the mmfuse plugin vs vLLM's own prompt_embeds
+  mmfuse bench prefix --quick        # shared prefix with items: cold vs warm TTFT
+  mmfuse bench server --quick        # wire decoding, server vs offline, scaling over clients
 """,
 }
 
@@ -493,7 +496,8 @@ def _add_modality(args: argparse.Namespace) -> None:
 
 BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load",
               "engine-core": "mmfuse.bench.engine_core", "projectors": "mmfuse.bench.projectors",
-              "encoders": "mmfuse.bench.encoders", "quantized": "mmfuse.bench.quantized"}
+              "encoders": "mmfuse.bench.encoders", "peer": "mmfuse.bench.peer", "prefix": "mmfuse.bench.prefix",
+              "server": "mmfuse.bench.server", "quantized": "mmfuse.bench.quantized"}
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -117,13 +117,23 @@ class MMFuseModel(nn.Module):
         save_projectors(self.mm_projectors, out)
 
 
+# transformers attention kernels the backend may load the LM with. "eager" stays the default: it is the
+# reference the vLLM parity tests were measured against; "sdpa" (torch's fused attention) is faster on long
+# prompts and is what a fair transformers baseline runs (mmfuse bench throughput --hf-attn).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
 def load(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32, quantization_config=None) -> MMFuseModel:
+         dtype: torch.dtype = torch.float32, attn_implementation: str = "eager",
+         quantization_config=None) -> MMFuseModel:
     """Open an mmfuse checkpoint (local directory or hub id) with transformers and validate it.
 
+    ``attn_implementation``: one of ``ATTN_IMPLEMENTATIONS`` (transformers' name for the attention kernel).
     ``quantization_config`` quantizes the LM as it loads (``mmfuse.quantization.hf_quantization_config``:
     ``"torchao-int8"``, ``"bnb-8bit"``, ``"bnb-4bit"`` or a transformers config object); the projectors
     and encoders stay in ``dtype``."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"attn_implementation: expected one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -138,8 +148,8 @@ def load(path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the mm_projectors.* keys are "unexpected" to the bare LM by design
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, attn_implementation="eager",
-                                                  **extra)
+        lm = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
+                                                  attn_implementation=attn_implementation, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
     model = MMFuseModel(lm, ckpt)
@@ -338,16 +348,17 @@ class HFBackend(CheckpointBackend):
     """The transformers reference behind the ``Backend`` protocol.
 
     ``lora``: LoRA adapters a prompt may name (``mmfuse.lora.open_adapters``), applied with peft.
+    ``attn_implementation``: transformers' attention kernel, ``"eager"`` (the reference) or ``"sdpa"``.
     ``quantization_config``: quantize the LM as it loads (``mmfuse.quantization``, e.g. ``"torchao-int8"``)."""
 
     name = "hf"
 
     def __init__(self, model_path: str | os.PathLike, device: str | None = None, dtype: str = "float32",
-                 lora=None, quantization_config=None):
+                 lora=None, attn_implementation: str = "eager", quantization_config=None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         adapters = open_adapters(lora)  # checked before the model loads
         self.model = load(model_path, device=device, dtype=getattr(torch, dtype),
-                          quantization_config=quantization_config)
+                          attn_implementation=attn_implementation, quantization_config=quantization_config)
         attach_adapters(self.model, adapters)
         self.model.to(device)
         self.adapters = adapters

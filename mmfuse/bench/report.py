@@ -1,4 +1,5 @@
-"""Markdown tables from a throughput result JSON: ``python -m mmfuse.bench.report docs/bench_throughput.json``."""
+"""Markdown tables from a benchmark's result JSON: ``python -m mmfuse.bench.report docs/bench_throughput.json``
+(also the JSON of ``mmfuse bench peer``, ``prefix`` and ``server``: each module's own ``table``)."""
 from __future__ import annotations
 
 import json
@@ -6,16 +7,48 @@ import sys
 from pathlib import Path
 
 
+def _load(pair: dict) -> str:
+    return (f"load average {', '.join(f'{x:.1f}' for x in pair['before'])} before, "
+            f"{', '.join(f'{x:.1f}' for x in pair['after'])} after")
+
+
+def bounds_text(r: dict) -> str:
+    """The bounds paragraph: every kernel's best GEMM, bandwidths, the theoretical peak beside them."""
+    b = r.get("bounds")
+    m = r["machine"]
+    kernels = ", ".join(f"{k} {v:.1f}" for k, v in m.get("gemm_by_kernel", {}).items()) or "torch.mm"
+    text = (f"Bounds ({len(b['samples']) if b else 1} samples in the run, maximum kept): fp32 GEMM "
+            f"{m['gemm_gflops']:.1f} GFLOP/s ({kernels}), copy {m['copy_gbps']:.1f} GB/s, read {m['read_gbps']:.1f} GB/s")
+    if b and b.get("peak"):
+        p = b["peak"]
+        text += (f"; theoretical fp32 peak {p['gflops']:.1f} GFLOP/s ({p['cores']} cores x {p['ghz']:.2f} GHz x "
+                 f"{p['flops_per_cycle']} FLOP/cycle, {p['isa']}): the GEMM bound is {b['gemm_of_peak']:.2f} of it")
+    return text + "."
+
+
+def _frac(value: float, error: bool | None) -> str:
+    return f"{value:.2f}" + (" **(measurement error: above the bound)**" if error else "")
+
+
 def render(r: dict) -> str:
     m, fr = r["machine"], r["fractions"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {r['torch']} ({m['threads']} threads); "
-             f"measured in the same run: fp32 GEMM {m['gemm_gflops']:.1f} GFLOP/s, copy {m['copy_gbps']:.1f} GB/s, "
-             f"read {m['read_gbps']:.1f} GB/s. Load average before/after: "
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {r['torch']} ({m['threads']} threads). "
+             f"{bounds_text(r)} Load average before/after: "
              f"{', '.join(f'{x:.1f}' for x in r['loadavg']['before'])} / "
-             f"{', '.join(f'{x:.1f}' for x in r['loadavg']['after'])}. Wall time {r['wall_s'] / 60:.1f} min.",
-             "", f"(a) 4 items per prompt, {r['config']['out_tokens']} new tokens (prefill: max_tokens=1 on fresh same-length prompts)", "",
-             "| batch | backend | prompt tokens | prefill tok/s | decode tok/s | end-to-end output tok/s |",
-             "|---:|---|---:|---:|---:|---:|"]
+             f"{', '.join(f'{x:.1f}' for x in r['loadavg']['after'])}. Wall time {r['wall_s'] / 60:.1f} min."]
+    if "probes" in r["hf"]:
+        c = r["hf"]["config"]
+        lines += ["", f"transformers options, each timed on the same probe (batch {r['hf']['probes'][0]['batch']}, "
+                  f"{r['config']['out_tokens']} new tokens); chosen: **{c['attn']}, {c['threads']} thread(s)**", "",
+                  "| attention | torch threads | output tok/s |", "|---|---:|---:|"]
+        lines += [f"| {p['attn']} | {p['threads']} | {p['out_tok_s']:.2f} |" for p in r["hf"]["probes"]]
+    if "loadavg" in r["hf"]:
+        lines += ["", f"Load: transformers part {_load(r['hf']['loadavg'])}; vLLM part {_load(r['vllm']['loadavg'])}. "
+                  f"transformers peak RSS {r['hf']['peak_rss_mb']:.0f} MB (one model loaded at a time)."]
+    lines += ["", f"(a) 4 items per prompt, {r['config']['out_tokens']} new tokens (prefill: max_tokens=1 on fresh "
+              "same-length prompts)", "",
+              "| batch | backend | prompt tokens | prefill tok/s | decode tok/s | end-to-end output tok/s |",
+              "|---:|---|---:|---:|---:|---:|"]
     for b in r["config"]["batches"]:
         for name in ("vllm", "hf"):
             row = next(x for x in r[name]["batches"] if x["batch"] == b)
@@ -37,11 +70,25 @@ def render(r: dict) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in ("vllm", "hf"):
         f = fr[name]
-        lines.append(f"| {name} | {f['prefill_batch']} | {f['prefill_gflops']:.1f} | {f['prefill_fraction']:.2f} | "
-                     f"{f['decode_batch']} | {f['decode_tok_s']:.2f} | {f['decode_bound_tok_s']:.2f} | "
-                     f"{f['decode_fraction']:.2f} |")
+        lines.append(f"| {name} | {f['prefill_batch']} | {f['prefill_gflops']:.1f} | "
+                     f"{_frac(f['prefill_fraction'], f.get('prefill_error'))} | {f['decode_batch']} | "
+                     f"{f['decode_tok_s']:.2f} | {f['decode_bound_tok_s']:.2f} | "
+                     f"{_frac(f['decode_fraction'], f.get('decode_error'))} |")
     return "\n".join(lines)
 
 
+def render_any(r: dict) -> str:
+    """The tables of whichever benchmark wrote ``r`` (told apart by their top-level keys)."""
+    if "sides" in r:
+        from .prefix import table
+    elif "prompt_embeds" in r:
+        from .peer import table
+    elif "wire" in r:
+        from .server import table
+    else:
+        return render(r)
+    return table(r)
+
+
 if __name__ == "__main__":
-    print(render(json.loads(Path(sys.argv[1]).read_text())))
+    print(render_any(json.loads(Path(sys.argv[1]).read_text())))

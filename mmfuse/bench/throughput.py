@@ -6,9 +6,14 @@ Measures, in one run and one process (plus vLLM's engine processes):
       output tok/s (max_tokens=32), both backends, through mmfuse's own backends;
   (b) a mixed workload (64 requests, output lengths spread 8..128, 0-4 items each):
       vLLM gets every request at once, transformers static batches of ``--hf-batch``;
+      transformers runs at its best measured configuration: each attention kernel of ``--hf-attn``
+      (eager, sdpa) x each torch thread count of ``--hf-threads`` is timed on the same probe batch
+      first, and the fastest is used for (a) and (b); every probe is in the output;
   (c) vLLM with items vs the same prompts as plain tokens of the same length;
-  (d) the machine's fp32 GEMM and copy bandwidth, and each figure as a fraction of
-      the bound they imply (prefill vs FLOPs, batch-1 decode vs bytes read per token).
+  (d) the machine's fp32 GEMM (fastest kernel of either backend) and bandwidth, sampled before
+      and after each backend's part, the maximum kept (``machine.Bounds``), the CPU's theoretical
+      peak beside it, and each figure as a fraction of the bound they imply (prefill vs FLOPs,
+      batch-1 decode vs bytes read per token); a fraction above 1 is flagged as a measurement error.
 
 Every timed run uses fresh prompts and vectors, so no figure comes from a prefix-cache hit.
 Run with ``python -m mmfuse.bench.throughput [--quick]``; results go to JSON and a PNG.
@@ -19,12 +24,14 @@ import argparse
 import gc
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .machine import MachineLimits, ModelCost, measure
+from .device import add_device_arg, check_device
+from .machine import Bounds, MachineLimits, ModelCost, fraction, fraction_text, loadavg_text
 from .workload import build_checkpoint, make_mixed, make_prompts
 
 PROMPT_WORDS = 24  # ~30 text tokens + 14 soft rows from 4 items: a short, item-heavy prompt
@@ -80,13 +87,54 @@ class Bench:
         return rows
 
 
-def run_hf(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
+def choose_hf_config(ckpt: Path, cfg: argparse.Namespace) -> tuple[Bench, dict, list[dict]]:
+    """Time every (attention kernel, torch threads) option on the same probe and keep the fastest.
+
+    The probe: ``cfg.probe_batch`` fresh prompts (4 items each), ``cfg.out_tokens`` new tokens, so both
+    prefill and decode count. Each option gets its own fresh prompts (no cache is involved in transformers,
+    but equal lengths keep the work equal). Each model is freed after its probes and the chosen one loaded
+    again, so one model is in memory at a time (the peak RSS is one backend's). Returns the chosen backend
+    (threads left set), the choice, and every probe."""
+    import torch
+
     from ..backends.hf import HFBackend
     from ..sampling import SamplingConfig
 
-    bench = Bench(HFBackend(ckpt))
+    def load(attn: str) -> Bench:
+        bench = Bench(HFBackend(ckpt, device=cfg.device, dtype=cfg.dtype, attn_implementation=attn))
+        bench.generate(make_prompts(bench.backend.specs, 2, 1, items=4, words=8), SamplingConfig(max_tokens=2))
+        return bench
+
+    probes: list[dict] = []
+    best: tuple[float, dict] = (0.0, {})
+    for attn in cfg.hf_attn:
+        bench = load(attn)
+        for threads in cfg.hf_threads:
+            torch.set_num_threads(threads)
+            ps = make_prompts(bench.backend.specs, cfg.probe_batch, 900 + len(probes), items=4, words=PROMPT_WORDS)
+            t, res = _timed(lambda: bench.generate(ps, SamplingConfig(max_tokens=cfg.out_tokens)))
+            probe = dict(attn=attn, threads=threads, batch=cfg.probe_batch, seconds=t, out_tok_s=_out_tokens(res) / t)
+            probes.append(probe)
+            print(f"  hf    probe {attn:5s} {threads} thread(s): {probe['out_tok_s']:.1f} out tok/s", flush=True)
+            if probe["out_tok_s"] > best[0]:
+                best = (probe["out_tok_s"], dict(attn=attn, threads=threads))
+        del bench
+        gc.collect()
+    choice = best[1]
+    torch.set_num_threads(choice["threads"])
+    bench = load(choice["attn"])
+    print(f"  hf    chosen: {choice['attn']} attention, {choice['threads']} thread(s)", flush=True)
+    return bench, choice, probes
+
+
+def run_hf(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
+    import torch
+
+    from ..sampling import SamplingConfig
+
+    default_threads = torch.get_num_threads()
+    bench, choice, probes = choose_hf_config(ckpt, cfg)
     specs = bench.backend.specs
-    bench.generate(make_prompts(specs, 2, 1, items=4, words=8), SamplingConfig(max_tokens=2))  # warm up
     rows = bench.batches(specs, cfg.batches, cfg.out_tokens, seed=10)
     # (b) static batches in arrival order, each run to its longest request; count only requested tokens
     t = time.perf_counter()
@@ -99,8 +147,11 @@ def run_hf(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
     print(f"  hf    mixed: {useful} tokens in {t_mixed:.1f} s = {useful / t_mixed:.1f} tok/s", flush=True)
     del bench
     gc.collect()
-    return dict(batches=rows, mixed=dict(seconds=t_mixed, out_tokens=useful, tok_s=useful / t_mixed,
-                                         hf_batch=cfg.hf_batch))
+    torch.set_num_threads(default_threads)  # vLLM's part runs with the process default
+    # the process's peak so far: transformers runs first, so this is its peak (vLLM's: mmfuse bench server)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(config=choice, probes=probes, batches=rows, peak_rss_mb=peak_rss_mb,
+                mixed=dict(seconds=t_mixed, out_tokens=useful, tok_s=useful / t_mixed, hf_batch=cfg.hf_batch))
 
 
 def run_vllm(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
@@ -110,7 +161,7 @@ def run_vllm(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
     from ..sampling import SamplingConfig
 
     t0 = time.perf_counter()
-    be = VLLMBackend(ckpt, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb)
+    be = VLLMBackend(ckpt, dtype=cfg.dtype, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb)
     startup = time.perf_counter() - t0
     print(f"  vllm engine up in {startup:.0f} s", flush=True)
 
@@ -148,17 +199,18 @@ def run_vllm(ckpt: Path, cfg: argparse.Namespace, mixed) -> dict:
 
 
 def fractions(result: dict, cost: ModelCost, limits: MachineLimits) -> dict:
-    """Each backend's batch-32 prefill and batch-1 decode as a fraction of the machine's bound."""
+    """Each backend's largest-batch prefill and batch-1 decode as a fraction of the machine's bound
+    (``limits``: the maximum over the run's samples); ``*_error`` is set for a fraction above 1."""
     out = {}
     for name in ("vllm", "hf"):
         rows = {r["batch"]: r for r in result[name]["batches"]}
         big, one = rows[max(rows)], rows[min(rows)]
-        flops = cost.prefill_flops(big["prompt_lens"])
-        out[name] = dict(prefill_batch=big["batch"], prefill_gflops=flops / big["prefill_s"] / 1e9,
-                         prefill_fraction=flops / big["prefill_s"] / 1e9 / limits.gemm_gflops,
-                         decode_batch=one["batch"], decode_tok_s=one["decode_tok_s"],
-                         decode_bound_tok_s=cost.decode_bound_tok_s(limits),
-                         decode_fraction=one["decode_tok_s"] / cost.decode_bound_tok_s(limits))
+        gflops = cost.prefill_flops(big["prompt_lens"]) / big["prefill_s"] / 1e9
+        pre, dec = fraction(gflops, limits.gemm_gflops), fraction(one["decode_tok_s"], cost.decode_bound_tok_s(limits))
+        out[name] = dict(prefill_batch=big["batch"], prefill_gflops=gflops, prefill_fraction=pre["fraction"],
+                         prefill_error=pre["measurement_error"], decode_batch=one["batch"],
+                         decode_tok_s=one["decode_tok_s"], decode_bound_tok_s=cost.decode_bound_tok_s(limits),
+                         decode_fraction=dec["fraction"], decode_error=dec["measurement_error"])
     return out
 
 
@@ -167,7 +219,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 4, figsize=(17, 4))
+    fig, ax = plt.subplots(1, 5, figsize=(21, 4))
     for name, color in (("vllm", "tab:blue"), ("hf", "tab:orange")):
         rows = result[name]["batches"]
         ax[0].plot([r["batch"] for r in rows], [r["out_tok_s"] for r in rows], "o-", color=color, label=name)
@@ -176,7 +228,9 @@ def plot(result: dict, path: Path) -> None:
     ax[0].set_xticks(result["config"]["batches"], [str(b) for b in result["config"]["batches"]])
     ax[0].legend()
     mixed = [result["vllm"]["mixed"]["tok_s"], result["hf"]["mixed"]["tok_s"]]
-    ax[1].bar(["vllm", f"hf (batches of {result['hf']['mixed']['hf_batch']})"], mixed, color=["tab:blue", "tab:orange"])
+    hc = result["hf"]["config"]
+    ax[1].bar(["vllm", f"hf {hc['attn']}, {hc['threads']} thr\n(batches of {result['hf']['mixed']['hf_batch']})"],
+              mixed, color=["tab:blue", "tab:orange"])
     ax[1].set(ylabel="output tok/s", title=f"(b) mixed workload: {mixed[0] / mixed[1]:.2f}x")
     iv = result["vllm"]["items_vs_text"]
     ax[2].bar(["text only", "with items"], [sum(iv["text_tok_s"]) / 2, sum(iv["items_tok_s"]) / 2],
@@ -191,6 +245,10 @@ def plot(result: dict, path: Path) -> None:
     ax[3].set_xticks([0.2, 1.2], labels)
     ax[3].set(ylabel="fraction of machine bound", title="(d) vs the machine's limits")
     ax[3].legend()
+    probes = result["hf"]["probes"]
+    ax[4].bar([f"{p['attn']}\n{p['threads']} thr" for p in probes], [p["out_tok_s"] for p in probes], color="tab:orange")
+    ax[4].set(ylabel="output tok/s", title=f"transformers options (probe batch {probes[0]['batch']})")
+    fig.suptitle(f"load average at the end {', '.join(f'{x:.2f}' for x in result['loadavg']['after'])}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -206,7 +264,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hf-batch", type=int, default=16, help="transformers static batch size in (b)")
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="vLLM KV cache (default 4, --quick 2)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 28, --quick 4)")
+    ap.add_argument("--hf-attn", default="eager,sdpa", help="transformers attention kernels to try (comma list)")
+    ap.add_argument("--hf-threads", default=None,
+                    help="torch thread counts to try for transformers (comma list; default 1 up to the cores, "
+                         "doubling)")
+    add_device_arg(ap)
     args = ap.parse_args(argv)
+    args.dtype = check_device(args.device)
+    args.hf_attn = args.hf_attn.split(",")
+    cores = os.cpu_count() or 1
+    if args.hf_threads:
+        args.hf_threads = [int(t) for t in args.hf_threads.split(",")]
+    else:  # on a GPU the host threads only feed the launches: no choice worth timing
+        args.hf_threads = ([cores] if args.device == "cuda"
+                           else sorted({min(2 ** i, cores) for i in range(cores.bit_length() + 1)}))
     q = args.quick
     args.layers = args.layers or (4 if q else 28)
     args.batches = [1, 4, 8] if q else [1, 8, 32]
@@ -214,6 +285,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.mixed = 16 if q else 64
     args.max_out = 32 if q else 128
     args.items_batch = 8 if q else 16
+    args.probe_batch = 4 if q else 8
     args.max_model_len = 1024
     return args
 
@@ -231,19 +303,23 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers)", flush=True)
     ckpt = build_checkpoint(cfg.workdir, cfg.layers)
     cost = ModelCost.of(AutoConfig.from_pretrained(ckpt))
-    limits = measure(quick=cfg.quick)
-    print(f"machine: {limits.cpu}, {limits.cores} cores, torch threads {limits.threads}: fp32 GEMM "
-          f"{limits.gemm_gflops:.1f} GFLOP/s, copy {limits.copy_gbps:.1f} GB/s", flush=True)
+    bounds = Bounds(quick=cfg.quick, device=cfg.device)
+    bounds.sample("start")
     from ..checkpoint import open_checkpoint
     specs = open_checkpoint(ckpt).specs
     mixed = make_mixed(specs, cfg.mixed, seed=7, min_out=8, max_out=cfg.max_out)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
               "command": "mmfuse bench throughput " + " ".join(sys.argv[1:] if argv is None else argv),
-              "torch": torch.__version__, "machine": limits.to_dict(), "cost": vars(cost)}
-    print("transformers:", flush=True)
-    result["hf"] = run_hf(ckpt, cfg, mixed)
-    print("vllm:", flush=True)
-    result["vllm"] = run_vllm(ckpt, cfg, mixed)
+              "torch": torch.__version__, "cost": vars(cost)}
+    for name, run in (("hf", run_hf), ("vllm", run_vllm)):
+        print(f"{name}: {loadavg_text()}", flush=True)
+        before = os.getloadavg()
+        result[name] = run(ckpt, cfg, mixed)
+        result[name]["loadavg"] = {"before": before, "after": os.getloadavg()}
+        bounds.sample(f"after {name}")
+    limits = bounds.best
+    result["machine"], result["bounds"] = limits.to_dict(), bounds.to_dict()
+    print(bounds.text(), flush=True)
     result["fractions"] = fractions(result, cost, limits)
     result["mixed_speedup"] = result["vllm"]["mixed"]["tok_s"] / result["hf"]["mixed"]["tok_s"]
     result["wall_s"] = time.perf_counter() - t0
@@ -251,11 +327,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.json.parent.mkdir(parents=True, exist_ok=True)
     cfg.json.write_text(json.dumps(result, indent=1))
     plot(result, cfg.plot)
-    fr = result["fractions"]
+    fr = result["fractions"]["vllm"]
+    pre = fraction_text(dict(fraction=fr["prefill_fraction"], measurement_error=fr["prefill_error"]))
+    dec = fraction_text(dict(fraction=fr["decode_fraction"], measurement_error=fr["decode_error"]))
     print(f"(b) mixed: vllm {result['mixed_speedup']:.2f}x transformers; (c) items/text "
-          f"{result['vllm']['items_vs_text']['ratio']:.3f}; (d) vllm prefill {fr['vllm']['prefill_fraction']:.2f} "
-          f"of GEMM bound, decode {fr['vllm']['decode_fraction']:.2f} of bandwidth bound; "
-          f"wall {result['wall_s']:.0f} s -> {cfg.json}, {cfg.plot}", flush=True)
+          f"{result['vllm']['items_vs_text']['ratio']:.3f}; (d) vllm prefill {pre} of GEMM bound, decode {dec} of "
+          f"bandwidth bound; {loadavg_text()}; wall {result['wall_s']:.0f} s -> {cfg.json}, {cfg.plot}", flush=True)
     return result
 
 

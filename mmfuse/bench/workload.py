@@ -24,6 +24,11 @@ WORDS = ("the quick brown fox jumps over the lazy dog while a small red cube sit
          "compare these two vectors and describe what they have in common one two three four five six").split()
 
 
+def base_dir(workdir: Path, layers: int) -> Path:
+    """Where ``build_checkpoint`` keeps the plain base LM (what a vLLM ``prompt_embeds`` user would serve)."""
+    return workdir / f"qwen3-0.6b-shape-L{layers}"
+
+
 def build_checkpoint(workdir: Path, layers: int, max_len: int = 2048) -> Path:
     """Write (once) a random Qwen3-0.6B-shaped base and an mmfuse checkpoint over it; return the checkpoint."""
     from transformers import AutoModelForCausalLM, Qwen3Config
@@ -31,7 +36,7 @@ def build_checkpoint(workdir: Path, layers: int, max_len: int = 2048) -> Path:
     from ..checkpoint import init_checkpoint
     from ..tiny import make_tokenizer
 
-    base, ckpt = workdir / f"qwen3-0.6b-shape-L{layers}", workdir / f"mmfuse-qwen3-0.6b-shape-L{layers}"
+    base, ckpt = base_dir(workdir, layers), workdir / f"mmfuse-qwen3-0.6b-shape-L{layers}"
     if (ckpt / "config.json").exists():
         return ckpt
     tok = make_tokenizer(base)
@@ -60,6 +65,19 @@ def make_prompts(specs, count: int, seed: int, items: int, words: int) -> list[P
             parts.insert(int(rng.integers(0, len(parts) + 1)), specs[name].placeholder)
         prompts.append(prepare(" ".join(parts), {k: v for k, v in mm.items() if v}, specs))
     return prompts
+
+
+def long_text(words: int, seed: int) -> str:
+    """``words`` random words: a document long enough to fill several prefix-cache blocks."""
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, words))
+
+
+def make_items(specs, seed: int) -> dict[str, list]:
+    """One vision item (3 vectors) and one audio item (2 vectors): 7 soft rows, fresh per seed."""
+    rng = np.random.default_rng(seed)
+    return {name: [rng.standard_normal((n, specs[name].input_dim), dtype=np.float32)]
+            for name, n in (("vision", 3), ("audio", 2))}
 
 
 def make_mixed(specs, count: int, seed: int, min_out: int, max_out: int,

@@ -1,0 +1,178 @@
+"""Two ways to put vectors into a vLLM prompt, behind one small interface, for the peer benchmarks.
+
+- ``PluginSide`` (mmfuse): token ids plus the raw items; the engine projects them (``to_request``).
+- ``EmbedsSide`` (vLLM's own ``prompt_embeds``): the client projects the items and embeds the text
+  (``embeds.PromptEmbedder``) and sends whole ``inputs_embeds``; the engine runs the plain base LM.
+
+Both take the same ``EncodedPrompt`` and run with the same engine settings, so the difference in
+what they measure is the transport. ``time_requests`` submits requests to an offline engine and
+steps it itself, so every request's TTFT (first token) and latency (last token) is observed.
+Each side runs in a process of its own (``run_worker``): an engine's memory and threads never mix
+with the other's, and each process's peak RSS is the side's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from ..inputs import EncodedPrompt, PreparedPrompt
+
+
+class PluginSide:
+    """The mmfuse plugin: ``VLLMBackend`` on the checkpoint."""
+
+    name = "mmfuse"
+
+    def __init__(self, ckpt: Path, base: Path, dtype: str, max_model_len: int, kv_cache_gb: float):
+        from ..backends.vllm import VLLMBackend
+
+        self.backend = VLLMBackend(ckpt, dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb)
+        self.llm = self.backend.llm
+        self.checkpoint = self.backend.checkpoint
+
+    def request(self, encoded: EncodedPrompt) -> dict:
+        from ..backends.vllm import to_request
+
+        return to_request(encoded)
+
+    def offline_bytes(self, encoded: EncodedPrompt) -> int:
+        from .embeds import mmfuse_item_bytes
+
+        return mmfuse_item_bytes(encoded)
+
+    def server_bytes(self, prepared: PreparedPrompt, max_tokens: int) -> int:
+        from .embeds import mmfuse_body_bytes
+
+        return mmfuse_body_bytes(prepared.text, prepared.items, max_tokens)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class EmbedsSide:
+    """vLLM's ``prompt_embeds`` on the base LM (the checkpoint's LM weights), rows built by the client."""
+
+    name = "prompt_embeds"
+
+    def __init__(self, ckpt: Path, base: Path, dtype: str, max_model_len: int, kv_cache_gb: float):
+        import torch
+        from vllm import LLM
+
+        from ..backends.vllm import engine_args
+        from ..backends.vllm_defaults import EngineOptions, apply_process_defaults, offline_engine_core
+        from .embeds import PromptEmbedder
+
+        self.embedder = PromptEmbedder(ckpt, getattr(torch, dtype))
+        self.checkpoint = self.embedder.checkpoint
+        apply_process_defaults(1)
+        options = EngineOptions(dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb)
+        # the same engine settings as the plugin's (engine_args), on the base LM, with prompt_embeds on
+        args = engine_args(self.checkpoint, options, model=str(base), enable_prompt_embeds=True)
+        with offline_engine_core(1):
+            self.llm = LLM(**args)
+
+    def request(self, encoded: EncodedPrompt) -> dict:
+        return {"prompt_embeds": self.embedder(encoded)}
+
+    def offline_bytes(self, encoded: EncodedPrompt) -> int:
+        from .embeds import tensor_bytes
+
+        return tensor_bytes(self.embedder(encoded))
+
+    def server_bytes(self, prepared: PreparedPrompt, max_tokens: int) -> int:
+        from .embeds import server_body_bytes
+
+        return server_body_bytes(self.embedder(self.checkpoint.encode(prepared)), max_tokens)
+
+    def close(self) -> None:
+        # the only engine of its worker process (run_worker), so shutting its core down cannot pull vLLM's
+        # process-wide state from under another in-process engine (VLLMBackend.close guards that case)
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+SIDES = {"mmfuse": PluginSide, "prompt_embeds": EmbedsSide}
+
+
+def time_requests(side, prompts: list[EncodedPrompt], params) -> list[dict]:
+    """Submit every prompt at once (building each request is timed, as a client would pay it) and step the
+    engine to the end. Per request: ``ttft_s`` and ``latency_s`` from the start of the call, the generated
+    ``token_ids`` and vLLM's ``num_cached_tokens`` (prompt tokens served from the prefix cache)."""
+    engine = side.llm.llm_engine
+    start = time.perf_counter()
+    ids = []
+    for p in prompts:
+        (engine_input,) = engine.renderer.render_cmpl([side.request(p)])
+        ids.append(uuid.uuid4().hex)
+        engine.add_request(ids[-1], engine_input, params)
+    out: dict[str, dict] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            now = time.perf_counter() - start
+            rec = out.setdefault(o.request_id, {"ttft_s": now})
+            if o.finished:
+                c = o.outputs[0]
+                rec.update(latency_s=now, token_ids=list(c.token_ids), num_cached_tokens=o.num_cached_tokens or 0,
+                           logprobs=[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] if c.logprobs else None)
+    return [out[i] for i in ids]
+
+
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak resident memory (VmHWM) of a process (default: this one) plus all its live descendants, summed, MB:
+    an engine core in its own process counts with its caller. Call it before the engine shuts down."""
+    def children(p: int) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                out += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return out
+
+    total, todo = 0.0, [pid or os.getpid()]
+    while todo:
+        p = todo.pop()
+        todo += children(p)
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:  # gone meanwhile, or no /proc (not Linux): this process's own peak at least
+            if p == os.getpid():
+                total += resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return total
+
+
+def profiled(fn, profile_dir: Path | None, name: str):
+    """``fn()``, under cProfile when ``profile_dir`` is given: stats to DIR/NAME.prof and the top 40 by cumulative
+    time to DIR/NAME.txt (the in-process engine core runs in this thread, so the model's forward is in it).
+    Workers wrap only their measurements in it, not the engine start."""
+    if profile_dir is None:
+        return fn()
+    path = profile_dir / f"{name}.prof"
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(fn)
+    finally:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prof.dump_stats(path)
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+        path.with_suffix(".txt").write_text(text.getvalue())
+
+
+def run_worker(module: str, side: str, argv: list[str], out: Path) -> dict:
+    """``python -m MODULE ARGV --worker SIDE --worker-out OUT`` in a fresh process; its JSON result."""
+    cmd = [sys.executable, "-m", module, *argv, "--worker", side, "--worker-out", str(out)]
+    print(f"  {side}: {' '.join(cmd[2:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
