@@ -14,6 +14,7 @@ optimiser step, rather than by wrapping the model in DDP, because
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .config import TrainConfig, TrainConfigError
 from .data import column_names, open_dataset
 from .encode import DataError, Example, RowEncoder
 from .evaluation import exact_match_hits, loss_totals, token_loss_sum
+from .plan import plan_dataset
 from .report import write_report
 from .stages import STATE_DIR, export_checkpoint, setup_trainable
 from .state import Progress, load_state, save_state, state_dirs
@@ -123,14 +125,21 @@ class _Run:
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every process
         self.model = load(self.ckpt, device=accelerator.device)
         self.params, self.peft_model = setup_trainable(self.model, config)
-        self.encoder = RowEncoder.from_model(self.model)
+        self.encoder = RowEncoder.from_model(self.model, config)
         self.ds = open_dataset(config.data, streaming=config.streaming)
         self.encoder.check_columns(column_names(self.ds))
-        if not config.streaming and len(self.ds) == 0:
-            raise DataError(f"{config.data}: the dataset has no rows")
+        # every row checked (and over-long ones dropped) before step 1, identically on every process (plan.py)
+        error = None
+        try:
+            self.plan = plan_dataset(self.encoder, self.ds, config.data)
+        except DataError as e:
+            error = e
+        _raise_if_any(error)
+        if self.plan.dropped and accelerator.is_main_process:
+            print(f"mmfuse train: training on {self.plan.describe()}", file=sys.stderr)
         self.eval_examples = self._eval_examples() if config.eval_data else None
         processes = accelerator.num_processes
-        self.total = config.max_steps or config.epochs * steps_per_epoch(len(self.ds), config, processes)
+        self.total = config.max_steps or config.epochs * steps_per_epoch(len(self.plan.rows), config, processes)
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=config.lr,
                                            weight_decay=config.weight_decay)
         from transformers import get_scheduler
@@ -166,9 +175,10 @@ class _Run:
         acc, config = self.acc, self.config
         epoch, start = progress.epoch, progress.epoch_step
         make = stream_steps if config.streaming else map_steps
+        rows = frozenset(self.plan.dropped) if config.streaming else self.plan.rows  # stream: skip; map: keep
         while True:
             produced = False
-            for micro in make(self.ds, config, epoch, start, acc.num_processes, acc.process_index):
+            for micro in make(self.ds, config, epoch, start, acc.num_processes, acc.process_index, rows):
                 produced = True
                 yield epoch, micro
             if not produced and start == 0:
@@ -183,7 +193,7 @@ class _Run:
         except DataError as e:
             error = e
         _raise_if_any(error)
-        batches = [self.encoder.collate(ex) for ex in examples if ex]
+        batches = [self.encoder.collate(ex, self.config.packing) for ex in examples if ex]
         device = self.acc.device
         tokens = _sum(sum(b.num_targets for b in batches), device)
         loss_sum = 0.0
@@ -261,7 +271,7 @@ def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = Non
         progress.evals.append(run.evaluate(progress.step))
     if acc.is_main_process:
         export_checkpoint(run.model, run.peft_model, config, run.ckpt, run.out)
-        write_report(run.out, config, progress, acc.num_processes, time.time() - started)
+        write_report(run.out, config, progress, acc.num_processes, time.time() - started, run.plan.summary())
     acc.wait_for_everyone()
     return TrainResult(out=run.out, steps=progress.step,
                        final_loss=progress.history[-1]["loss"] if progress.history else None,
