@@ -76,12 +76,13 @@ class Batch:
     def num_targets(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
-    def lm_kwargs(self, device) -> dict[str, torch.Tensor]:
-        """The LM's masking arguments. Packed: position ids only, since transformers derives the
-        block-diagonal causal mask from them when no 2D mask is given (``find_packed_sequence_indices``)."""
+    def lm_kwargs(self, device) -> dict[str, object]:
+        """The LM's masking arguments for a teacher-forced pass. Packed: position ids only, since
+        transformers derives the block-diagonal causal mask from them when there is neither a 2D mask nor
+        a KV cache (``masking_utils.find_packed_sequence_indices``); no cache either way (nothing decodes)."""
         if self.position_ids is not None:
-            return {"position_ids": self.position_ids.to(device)}
-        return {"attention_mask": self.attention_mask.to(device)}
+            return {"position_ids": self.position_ids.to(device), "use_cache": False}
+        return {"attention_mask": self.attention_mask.to(device), "use_cache": False}
 
 
 def _stored_media(value: object) -> object:
