@@ -180,7 +180,7 @@ class RowEncoder:
                 else f"prompt + response too long: {total} tokens ({prompt} prompt after expanding items, "
                      f"{total - prompt} response)")
         if self.overlength == "drop":
-            raise OverLength(f"{what}, over {limit} (dropped: overlength=drop)")
+            raise OverLength(f"{what}, over {limit} (overlength=drop leaves such rows out of training)")
         if self.overlength == "truncate":
             soft = set(self.placeholder_ids.values())
             last_item = max((i for i, t in enumerate(example.input_ids) if t in soft), default=-1)
