@@ -266,3 +266,65 @@ def test_a_bad_row_stops_every_process_with_its_index(qwen3_ckpt, tmp_path):
                 in log.read_text()), log.read_text()[-2000:]
         assert "stage 1:" not in log.read_text()  # no progress bar: stopped by the checks before step 1
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_native_struct_messages_column(encoder, tmp_path):
+    """A conversation stored as parquet structs (as `datasets` writes it): parts carry every field, null
+    where unused; the encoding equals the JSON form's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmfuse.training.data import open_dataset
+
+    part = {"type": None, "text": None, "modality": None, "embedding": None}
+    messages = [{"role": "user", "content": [part | {"type": "text", "text": "what is "},
+                                             part | {"type": "input_embedding", "modality": "m1",
+                                                     "embedding": VEC.tolist()}]},
+                {"role": "assistant", "content": [part | {"type": "text", "text": "red one"}]}]
+    pq.write_table(pa.table({"messages": [messages]}), tmp_path / "s.parquet")
+    row = open_dataset(tmp_path / "s.parquet")[0]
+    assert isinstance(row["messages"], list)
+    got = encoder.encode(row, 0)
+    want = encoder.encode({"messages": json.dumps([
+        {"role": "user", "content": [{"type": "text", "text": "what is "},
+                                     {"type": "input_embedding", "modality": "m1", "embedding": VEC.tolist()}]},
+        {"role": "assistant", "content": "red one"}])}, 0)
+    assert got.input_ids == want.input_ids and got.labels == want.labels
+    torch.testing.assert_close(got.prompt.items["m1"][0], torch.from_numpy(VEC))
+
+
+def test_image_parts_become_items_as_the_server_routes_them(encoder_ckpt, tmp_path):
+    """An image_url part (data URL) -> the named modality's raw item, preprocessed by its encoder's own
+    processor; the ids equal the pipeline's rendering with that image as the item."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from mmfuse.chat import render_messages
+    from mmfuse.checkpoint import open_checkpoint
+    from mmfuse.inputs import RawItem, prepare
+
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "colour of "},
+                                             {"type": "image_url", "image_url": {"url": url}, "modality": "image"}]},
+                {"role": "assistant", "content": "red"}]
+    write_parquet([{"messages": messages}], tmp_path / "img.parquet")
+    assert check_dataset(encoder_ckpt, tmp_path / "img.parquet") == []
+    enc = RowEncoder.from_checkpoint(encoder_ckpt)
+    ex = enc.encode({"messages": json.dumps(messages)}, 0)
+    assert [type(it) for it in ex.prompt.items["image"]] == [RawItem]
+    ckpt = open_checkpoint(encoder_ckpt)
+    as_item = [messages[0] | {"content": [messages[0]["content"][0], {"type": "input_embedding",
+                                                                      "modality": "image", "embedding": image}]}]
+    text, items = render_messages(as_item, ckpt.tokenizer, ckpt.specs)
+    want = ckpt.encode(prepare(text, items, ckpt.specs))
+    assert ex.prompt.expanded_ids == want.expanded_ids
+    torch.testing.assert_close(ex.prompt.items["image"][0].features, want.items["image"][0].features)
+    bad = json.loads(json.dumps(messages))
+    bad[0]["content"][1]["image_url"]["url"] = "https://example.com/x.png"
+    with pytest.raises(DataError, match=r"^row 0: messages\[0\].content\[1\].image_url.url: "):
+        enc.encode({"messages": json.dumps(bad)}, 0)

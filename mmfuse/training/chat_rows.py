@@ -91,6 +91,7 @@ def _media_items(messages: list[dict], specs) -> list[dict]:
         return messages
     from pydantic import ValidationError
 
+    from ..media import MediaLimits
     from ..server import parts, protocol
 
     media = parts.modality_media(specs)
@@ -108,7 +109,8 @@ def _media_items(messages: list[dict], specs) -> list[dict]:
                 raise InputError(f"{where}: not a valid {part['type']} part ({e.errors()[0]['msg']})",
                                  "messages") from None
             name = parts.route(where, typed, media)
-            m["content"][j] = {"type": "input_embedding", "modality": name, "embedding": parts.load(where, typed)}
+            medium = parts.load(where, typed, MediaLimits())  # a PIL image or a 16 kHz waveform
+            m["content"][j] = {"type": "input_embedding", "modality": name, "embedding": medium}
     return messages
 
 

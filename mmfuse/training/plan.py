@@ -44,9 +44,9 @@ class DataPlan:
 def plan_dataset(encoder: RowEncoder, ds, name: str = "data") -> DataPlan:
     """Encode every row (memory-mapped or streamed) with ``encoder``'s rules and keep none of the results.
 
-    ``name``: the data's path, for messages. Raises ``DataError`` naming the first bad row (and how many there are) when any row is invalid, or when
-    no row is left to train on."""
-    kept, dropped, errors, total = [], [], [], 0
+    ``name``: the data's path, for messages. Raises ``DataError`` naming the first bad row (and how many
+    there are) when any row is invalid, or when no row is left to train on."""
+    kept, dropped, errors, bad, total = [], [], [], 0, 0
     for index, row in iter_rows(ds):
         total += 1
         try:
@@ -55,14 +55,16 @@ def plan_dataset(encoder: RowEncoder, ds, name: str = "data") -> DataPlan:
             dropped.append(index)
             continue
         except DataError as e:
-            errors.append(str(e))
+            bad += 1
+            if len(errors) < MAX_REPORTED:
+                errors.append(str(e))
             continue
         kept.append(index)
     if errors:
-        more = (f" ({len(errors)} bad rows in all: " + "; ".join(errors[1:MAX_REPORTED])
-                + ("; ..." if len(errors) > MAX_REPORTED else "") + ")") if len(errors) > 1 else ""
-        raise DataError(f"{errors[0]}{more}")
+        more = f" ({bad} bad rows in all: {'; '.join(errors[1:])}{'; ...' if bad > len(errors) else ''})"
+        raise DataError(errors[0] + (more if bad > 1 else ""))
     if not kept:
         raise DataError(f"{name}: the dataset has no rows" if not total else
-                        f"{name}: every one of the {total} rows is over the length limit (overlength=drop dropped them all)")
+                        f"{name}: every one of the {total} rows is over the length limit (overlength=drop "
+                        f"dropped them all)")
     return DataPlan(rows=kept, dropped=dropped, total=total)
