@@ -328,3 +328,32 @@ def test_image_parts_become_items_as_the_server_routes_them(encoder_ckpt, tmp_pa
     bad[0]["content"][1]["image_url"]["url"] = "https://example.com/x.png"
     with pytest.raises(DataError, match=r"^row 0: messages\[0\].content\[1\].image_url.url: "):
         enc.encode({"messages": json.dumps(bad)}, 0)
+
+
+def test_cli_flags_reach_the_config_and_data_check(qwen3_ckpt, tmp_path, capsys):
+    import argparse
+
+    from mmfuse.training.cli import (add_data_check_args, add_train_args, run_data_check,
+                                     train_config_from_args)
+
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    args = p.parse_args(["ckpt", "data", "--out", "o", "--stage", "1", "--max-length", "512", "--overlength",
+                         "truncate", "--packing", "--loss-on", "all"])
+    config = train_config_from_args(args)
+    assert (config.max_length, config.overlength, config.packing, config.loss_on) == (512, "truncate", True, "all")
+    assert train_config_from_args(p.parse_args(["c", "d", "--out", "o", "--stage", "1"])).overlength == "refuse"
+    with pytest.raises(Exception, match="max_length: expected an integer >= 2"):
+        TrainConfig(ckpt="c", data="d", out="o", max_length=0)
+
+    write_parquet(long_rows(), tmp_path / "long.parquet")
+    p = argparse.ArgumentParser()
+    add_data_check_args(p)
+    assert run_data_check(p.parse_args([str(qwen3_ckpt), str(tmp_path / "long.parquet")])) == 0
+    assert run_data_check(p.parse_args([str(qwen3_ckpt), str(tmp_path / "long.parquet"), "--max-length", "20"])) == 1
+    err = capsys.readouterr().err
+    assert "row 1: prompt + response too long" in err and "row 2: prompt too long: 21 tokens" in err
+    assert "mmfuse data check: 2 bad row(s)" in err
+    # a limit over the model's own length is an option error
+    with pytest.raises(Exception, match="max_length: 4096 is over the model's length 1024"):
+        RowEncoder.from_checkpoint(qwen3_ckpt, max_length=4096)
