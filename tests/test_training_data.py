@@ -127,6 +127,11 @@ def test_chat_rows_train_and_check(qwen3_ckpt, tmp_path):
     enc = RowEncoder.from_checkpoint(qwen3_ckpt)
     targets = sum(sum(x != IGNORE for x in enc.encode(r, i).labels) for i, r in enumerate(rows[:4]))
     assert json.loads(result.metrics_path.read_text())["history"][0]["tokens"] == targets
+    # eval reads chat rows too: the prompt before the last answer generates, the loss is the training loss
+    from mmfuse.training import EvalConfig, evaluate
+    metrics = evaluate(str(result.out), str(tmp_path / "chat.parquet"), EvalConfig(backend="hf"))
+    assert metrics["n"] == 8 and 0 <= metrics["exact_match"] <= 1 and np.isfinite(metrics["eval_loss"])
+    assert metrics["eval_tokens"] == 2 * targets
 
 
 # ---------------------------------------------------------------- the length rule
@@ -184,6 +189,11 @@ def test_training_drops_over_long_rows_and_counts_them(qwen3_ckpt, tmp_path, cap
     assert metrics["data"] == {"rows": 12, "kept": 6, "dropped": [1, 2, 5, 6, 9, 10]}
     assert result.steps == 2 and [r["rows"] for r in metrics["history"]] == [3, 3]
     assert "training on 6 of 12 rows (6 over the length limit dropped" in capsys.readouterr().err
+    # a stream drops the same rows: the same two steps
+    streamed = train(TrainConfig(out=str(tmp_path / "streamed"), max_steps=2, overlength="drop", streaming=True,
+                                 **base))
+    assert abs(streamed.final_loss - result.final_loss) < 1e-6
+    assert json.loads(streamed.metrics_path.read_text())["data"]["dropped"] == [1, 2, 5, 6, 9, 10]
 
 
 # ---------------------------------------------------------------- packing
