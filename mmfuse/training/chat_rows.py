@@ -154,19 +154,7 @@ def encode_chat(encoder, row: Mapping, index: int) -> Example:
     prepared = prepare(text, items, specs)
     full = encode_token_ids(tokenize(tok, text), prepared.items, specs, encoder.placeholder_ids, UNBOUNDED,
                             encoder.checkpoint.bos_token_id)
-    # starts[i]: where unexpanded token i begins in expanded_ids (an item spans its soft tokens)
-    starts, pos = [], 0
-    soft = {pid: name for name, pid in encoder.placeholder_ids.items()}
-    seen = {n: 0 for n in specs}
-    for t in full.token_ids:
-        starts.append(pos)
-        if t in soft:
-            pos += rows_of(specs[soft[t]], prepared.items[soft[t]][seen[soft[t]]])
-            seen[soft[t]] += 1
-        else:
-            pos += 1
-    starts.append(pos)
-
+    starts = _starts(full.token_ids, prepared.items, specs, encoder.placeholder_ids)
     labels = [IGNORE] * len(full.expanded_ids)
     soft_ids = set(encoder.placeholder_ids.values())
     if encoder.loss_on == "all":
@@ -183,13 +171,28 @@ def encode_chat(encoder, row: Mapping, index: int) -> Example:
             raise InputError(f"messages[{k}]: the assistant turn renders to no tokens", "messages")
         a, b = starts[len(prompt_ids)], starts[end]
         labels[a:b] = full.expanded_ids[a:b]
-    n_prompt = starts[len(prompt_ids)]
     # the last answer's prompt is what a backend generates from (eval's exact match); items all lie before it
     prompt = encode_token_ids(prompt_ids, prepared.items, specs, encoder.placeholder_ids, UNBOUNDED,
                               encoder.checkpoint.bos_token_id)
-    assert prompt.expanded_ids == full.expanded_ids[:n_prompt]
     return Example(row=index, input_ids=full.expanded_ids, labels=labels, prompt=prompt,
                    response=_answer_text(messages[-1]["content"]))
+
+
+def _starts(token_ids: list[int], items, specs, placeholder_ids) -> list[int]:
+    """Where each token (one id per item) begins among the expanded ids (an item spans its soft tokens),
+    plus the end: ``starts[i]:starts[i + 1]`` are token i's positions."""
+    soft = {pid: name for name, pid in placeholder_ids.items()}
+    seen = {n: 0 for n in specs}
+    starts, pos = [], 0
+    for t in token_ids:
+        starts.append(pos)
+        if t in soft:
+            name = soft[t]
+            pos += rows_of(specs[name], items[name][seen[name]])
+            seen[name] += 1
+        else:
+            pos += 1
+    return starts + [pos]
 
 
 def _prefix(tok, text: str, full_ids: list[int], k: int, how: str) -> list[int]:
