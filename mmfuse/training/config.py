@@ -10,10 +10,10 @@ from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
-OVERLENGTH = ("refuse", "drop", "truncate")  # what happens to a row longer than max_length (encode.RowEncoder)
-LOSS_ON = ("assistant", "all")  # chat rows: which turns carry loss (chat_rows)
 # defaults that work for the stage: projectors learn fast from scratch, a full LM needs care
 DEFAULT_LR = {"projectors": 1e-3, "lora": 2e-4, "full": 2e-5}
+OVERLENGTH = ("refuse", "drop", "truncate")  # what happens to a row longer than max_length (encode.RowEncoder)
+LOSS_ON = ("assistant", "all")  # chat rows: which turns carry loss (chat_rows)
 
 
 class TrainConfigError(ValueError):

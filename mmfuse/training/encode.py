@@ -100,10 +100,11 @@ class RowEncoder:
     """Encodes rows for one checkpoint: its tokenizer, modalities, placeholder ids and the length rule.
 
     ``max_length``: most tokens in a row (None: the LM's ``max_position_embeddings``); ``overlength``: what a
-    longer row gets (module docstring); ``loss_on``: chat rows' labelled turns (``chat_rows``)."""
+    longer row gets (module docstring); ``loss_on``: chat rows' labelled turns (``chat_rows``); ``packing``:
+    how ``collate`` lays rows out by default."""
 
     def __init__(self, checkpoint: Checkpoint, max_length: int | None = None, overlength: str = "refuse",
-                 loss_on: str = "assistant"):
+                 loss_on: str = "assistant", packing: bool = False):
         self.checkpoint = checkpoint
         self.tokenizer = checkpoint.tokenizer
         self.specs = checkpoint.specs
@@ -115,17 +116,17 @@ class RowEncoder:
             raise TrainConfigError(f"overlength / loss_on: expected one of {OVERLENGTH} / {LOSS_ON}, got "
                                    f"{overlength!r} / {loss_on!r}")
         self.limit = max_length or checkpoint.max_len
-        self.overlength, self.loss_on = overlength, loss_on
+        self.overlength, self.loss_on, self.packing = overlength, loss_on, packing
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = checkpoint.pad_token_id
 
     @classmethod
     def from_model(cls, model, config=None) -> "RowEncoder":
         """From a loaded ``MMFuseModel`` (training, hf eval); ``config``: a ``TrainConfig`` whose data
-        layout options (max_length, overlength, loss_on) apply."""
+        layout options (max_length, overlength, loss_on, packing) apply."""
         if config is None:
             return cls(model.checkpoint)
-        return cls(model.checkpoint, config.max_length, config.overlength, config.loss_on)
+        return cls(model.checkpoint, config.max_length, config.overlength, config.loss_on, config.packing)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, max_length: int | None = None,
@@ -209,9 +210,10 @@ class RowEncoder:
         return Example(row=index, input_ids=prompt_ids + response_ids,
                        labels=[IGNORE] * len(prompt_ids) + response_ids, prompt=encoded, response=response)
 
-    def collate(self, examples: list[Example], packing: bool = False) -> Batch:
-        """One batch: a row per example, right-padded; with ``packing``, rows of several examples each
-        (first fit, in order, at most ``max_length`` tokens a row)."""
+    def collate(self, examples: list[Example], packing: bool | None = None) -> Batch:
+        """One batch: a row per example, right-padded; with ``packing`` (None: the encoder's own setting),
+        rows of several examples each (first fit, in order, at most ``max_length`` tokens a row)."""
+        packing = self.packing if packing is None else packing
         groups = pack([len(e.input_ids) for e in examples], self.limit) if packing else [[i] for i in
                                                                                           range(len(examples))]
         rows = [[examples[i] for i in g] for g in groups]

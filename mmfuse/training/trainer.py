@@ -29,9 +29,9 @@ from ..outdir import claim_output_dir, clear_entries
 from .batches import map_steps, steps_per_epoch, stream_steps
 from .config import TrainConfig, TrainConfigError
 from .data import column_names, open_dataset
+from .plan import plan_dataset
 from .encode import DataError, Example, RowEncoder
 from .evaluation import exact_match_hits, loss_totals, token_loss_sum
-from .plan import plan_dataset
 from .report import write_report
 from .stages import STATE_DIR, export_checkpoint, setup_trainable
 from .state import Progress, load_state, save_state, state_dirs
@@ -125,9 +125,16 @@ class _Run:
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every process
         self.model = load(self.ckpt, device=accelerator.device)
         self.params, self.peft_model = setup_trainable(self.model, config)
-        self.encoder = RowEncoder.from_model(self.model, config)
+        self.encoder = RowEncoder.from_model(self.model)
         self.ds = open_dataset(config.data, streaming=config.streaming)
         self.encoder.check_columns(column_names(self.ds))
+        if not config.streaming and len(self.ds) == 0:
+            raise DataError(f"{config.data}: the dataset has no rows")
+        self.eval_examples = self._eval_examples() if config.eval_data else None
+        processes = accelerator.num_processes
+        # the training rows' layout (max_length, overlength, loss_on, packing); eval rows, encoded above, are
+        # measured whole, under the model's own length
+        self.encoder = RowEncoder.from_model(self.model, config)
         # every row checked (and over-long ones dropped) before step 1, identically on every process (plan.py)
         error = None
         try:
@@ -137,8 +144,6 @@ class _Run:
         _raise_if_any(error)
         if self.plan.dropped and accelerator.is_main_process:
             print(f"mmfuse train: training on {self.plan.describe()}", file=sys.stderr)
-        self.eval_examples = self._eval_examples() if config.eval_data else None
-        processes = accelerator.num_processes
         self.total = config.max_steps or config.epochs * steps_per_epoch(len(self.plan.rows), config, processes)
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=config.lr,
                                            weight_decay=config.weight_decay)
@@ -193,7 +198,7 @@ class _Run:
         except DataError as e:
             error = e
         _raise_if_any(error)
-        batches = [self.encoder.collate(ex, self.config.packing) for ex in examples if ex]
+        batches = [self.encoder.collate(ex) for ex in examples if ex]
         device = self.acc.device
         tokens = _sum(sum(b.num_targets for b in batches), device)
         loss_sum = 0.0
