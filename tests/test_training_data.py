@@ -240,7 +240,7 @@ def test_packed_batch_gives_the_same_per_sample_loss(qwen3_model, tmp_path):
     assert max(abs(a - b) for a, b in zip(leaked, unpacked)) > 1e-3
 
 
-def test_packing_trains_the_same_step(qwen3_ckpt, tmp_path):
+def test_packing_trains_the_same_steps_alone_and_on_two_processes(qwen3_ckpt, tmp_path):
     from safetensors.torch import load_file
 
     write_parquet(make_rows(16, seed=4), tmp_path / "d.parquet")
@@ -249,8 +249,18 @@ def test_packing_trains_the_same_step(qwen3_ckpt, tmp_path):
     plain = train(TrainConfig(out=str(tmp_path / "plain"), **kw))
     packed = train(TrainConfig(out=str(tmp_path / "packed"), packing=True, **kw))
     assert abs(plain.final_loss - packed.final_loss) < 1e-5
-    a, b = (load_file(str(tmp_path / d / "mm_projectors.safetensors")) for d in ("plain", "packed"))
+    # and packed on 2 gloo processes x batch 4 (each packs its own rows)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mmfuse.training", "train",
+                           kw["ckpt"], kw["data"], "--stage", "2", "--lora-r", "4", "--batch-size", "4", "--max-steps",
+                           "2", "--max-length", "96", "--packing", "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert abs(two["final_loss"] - plain.final_loss) < 1e-5
+    a, b, c = (load_file(str(tmp_path / d / "mm_projectors.safetensors")) for d in ("plain", "packed", "two"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-5
 
 
 # ---------------------------------------------------------------- bad rows under 2 processes
