@@ -88,7 +88,8 @@ def test_check_dataset_rejects_bad_columns(qwen3_ckpt, tmp_path):
     assert check_dataset(qwen3_ckpt, tmp_path / "b.parquet") == \
         ["column 'response' is missing (columns: ['prompt'])"]
     pq.write_table(pa.table({"messages": ["a"], "prompt": ["a"], "response": ["b"]}), tmp_path / "c.parquet")
-    assert "'messages' is not supported" in check_dataset(qwen3_ckpt, tmp_path / "c.parquet")[0]
+    assert check_dataset(qwen3_ckpt, tmp_path / "c.parquet")[0].startswith(
+        "columns 'messages' and ['prompt', 'response']: give a chat column 'messages' or plain columns")
     pq.write_table(pa.table({"prompt": ["a", None], "response": ["b", "c"]}), tmp_path / "d.parquet")
     assert check_dataset(qwen3_ckpt, tmp_path / "d.parquet") == \
         ["row 1: column 'prompt': expected a string, got NoneType"]

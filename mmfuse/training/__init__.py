@@ -7,6 +7,7 @@ Public API (stable; the CLI and the demo build on exactly these names)::
 
     # data: parquet with columns prompt (str), response (str), mm_NAME (list<list<list<float>>>, or raw
     # media for a modality with an encoder: image bytes, waveforms, strings)
+    # or chat data: one column messages (OpenAI-style conversations, loss on the assistant turns)
     write_parquet([{"prompt": "Describe <|m1|>.", "response": "red",
                     "items": {"m1": [np.zeros((1, 32))]}}], "train.parquet")
     errors = check_dataset("ckpt", "train.parquet", max_errors=10)   # [] when every row is fine

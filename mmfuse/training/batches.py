@@ -7,6 +7,10 @@ function of seed and epoch, so a resumed run sees the same rows). Micro-step
 step's rows. The same global batch therefore trains the same update whether it
 is split over processes, over accumulation steps, or neither. The last step of
 an epoch may be short; a process may then get no rows at all.
+
+The rows are those ``plan.plan_dataset`` kept (all of them, unless over-long rows
+were dropped): positions above index that list, so dropping a row shifts the
+rows after it but every process still agrees on each step's rows.
 """
 from __future__ import annotations
 
@@ -53,22 +57,27 @@ def fetch(ds, indices: list[int]) -> Rows:
 
 
 def map_steps(ds, config: TrainConfig, epoch: int, start_step: int, processes: int,
-              rank: int) -> Iterator[list[Rows]]:
-    """Micro-batches of rows for each remaining step of ``epoch`` (memory-mapped dataset)."""
-    order = epoch_order(len(ds), epoch, config)
+              rank: int, rows: list[int] | None = None) -> Iterator[list[Rows]]:
+    """Micro-batches of rows for each remaining step of ``epoch`` (memory-mapped dataset);
+    ``rows``: the dataset rows that train (None: all)."""
+    rows = list(range(len(ds))) if rows is None else rows
+    order = [rows[i] for i in epoch_order(len(rows), epoch, config)]
     g = global_batch(config, processes)
-    for step in range(start_step, steps_per_epoch(len(ds), config, processes)):
+    for step in range(start_step, steps_per_epoch(len(rows), config, processes)):
         yield [fetch(ds, idx) for idx in _split(order[step * g:(step + 1) * g], config, processes, rank)]
 
 
 def stream_steps(ds, config: TrainConfig, epoch: int, start_step: int, processes: int,
-                 rank: int) -> Iterator[list[Rows]]:
+                 rank: int, skip: frozenset[int] = frozenset()) -> Iterator[list[Rows]]:
     """The same for a stream: every process reads the stream and keeps its own slices.
 
     Rows keep their position in the unshuffled stream for error messages; the
     shuffle is datasets' shard + buffer shuffle, seeded by seed and epoch.
+    ``skip``: row positions left out (dropped over-long rows).
     """
     stream = ds.map(lambda row, i: {ROW_INDEX: i}, with_indices=True)
+    if skip:
+        stream = stream.filter(lambda row: row[ROW_INDEX] not in skip)
     if config.shuffle:
         stream = stream.shuffle(seed=config.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
         stream.set_epoch(epoch)

@@ -96,8 +96,23 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="stream the parquet data instead of memory-mapping it (needs --max-steps)")
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                    help="keep the data order (default: reshuffle every epoch)")
+    _add_layout_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling and LoRA initialisation")
     p.add_argument("--log-every", type=int, default=1, help="record metrics every N steps")
+
+
+def _add_layout_args(p: argparse.ArgumentParser) -> None:
+    """How rows become token sequences (mmfuse.training.encode): length limit, over-long rows, packing."""
+    p.add_argument("--max-length", type=int, default=None,
+                   help="most tokens in one row, items counted as their soft tokens (default: the LM's length)")
+    p.add_argument("--overlength", choices=["refuse", "drop", "truncate"], default="refuse",
+                   help="a row over --max-length: refuse (stop, naming the row), drop (skip it, counted), or "
+                        "truncate (cut its end; refused if the cut would fall inside an item or leave no target)")
+    p.add_argument("--packing", action="store_true",
+                   help="pack each micro-batch's rows into rows of up to --max-length tokens, attention kept "
+                        "within each sample (same loss, less padding)")
+    p.add_argument("--loss-on", choices=["assistant", "all"], default="assistant",
+                   help="messages (chat) rows: loss on the assistant turns only, or on every token")
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -120,6 +135,8 @@ def add_data_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="mmfuse checkpoint the data is for (tokenizer + config are read)")
     p.add_argument("data", help="parquet file or directory of *.parquet")
     p.add_argument("--max-errors", type=int, default=10, help="stop after this many bad rows")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="also refuse rows over this many tokens (default: the LM's length)")
     p.add_argument("--streaming", action="store_true",
                    help="stream the parquet data instead of memory-mapping it (default: memory-map)")
 
@@ -127,7 +144,8 @@ def add_data_check_args(p: argparse.ArgumentParser) -> None:
 def run_data_check(args: argparse.Namespace) -> int:
     with _handled("data check") as status:
         from .data import check_dataset
-        errors = check_dataset(args.ckpt, args.data, max_errors=args.max_errors, streaming=args.streaming)
+        errors = check_dataset(args.ckpt, args.data, max_errors=args.max_errors, streaming=args.streaming,
+                               max_length=args.max_length)
         for e in errors:
             print(e, file=sys.stderr)
         if errors:

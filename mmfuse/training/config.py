@@ -12,6 +12,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
 # defaults that work for the stage: projectors learn fast from scratch, a full LM needs care
 DEFAULT_LR = {"projectors": 1e-3, "lora": 2e-4, "full": 2e-5}
+OVERLENGTH = ("refuse", "drop", "truncate")  # what happens to a row longer than max_length (encode.RowEncoder)
+LOSS_ON = ("assistant", "all")  # chat rows: which turns carry loss (chat_rows)
 
 
 class TrainConfigError(ValueError):
@@ -57,6 +59,11 @@ class TrainConfig:
     shuffle: bool = True  # reshuffle rows every epoch (deterministic from seed and epoch)
     seed: int = 0
     log_every: int = 1  # progress/metrics record every N steps
+    # -- data layout (mmfuse.training.encode / chat_rows / plan); all rows are checked before step 1
+    max_length: int | None = None  # most tokens in one row (items count as their soft tokens); None = the LM's
+    overlength: str = "refuse"  # a row over max_length: refuse (name it), drop (and count it), or truncate
+    packing: bool = False  # pack each micro-batch's rows into as few max_length rows as fit (same loss)
+    loss_on: str = "assistant"  # messages rows: loss on assistant turns only, or on every token (all)
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -113,6 +120,16 @@ class TrainConfig:
             self.lora_alpha = 2.0 * self.lora_r
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size
+        self._check_data_layout()
+
+    def _check_data_layout(self) -> None:
+        length = self.max_length
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 2):
+            raise TrainConfigError(f"max_length: expected an integer >= 2, got {length!r}")
+        if self.overlength not in OVERLENGTH:
+            raise TrainConfigError(f"overlength: expected one of {OVERLENGTH}, got {self.overlength!r}")
+        if self.loss_on not in LOSS_ON:
+            raise TrainConfigError(f"loss_on: expected one of {LOSS_ON}, got {self.loss_on!r}")
 
     @property
     def trainable(self) -> str:
@@ -133,6 +150,8 @@ class TrainConfig:
 RESUME_INVARIANTS = ("data", "stage", "lora_r", "lora_alpha", "full", "epochs", "max_steps", "batch_size",
                      "grad_accum", "lr", "weight_decay", "warmup", "schedule", "shuffle", "seed", "streaming",
                      "train_modalities", "freeze_projectors")
+# the data layout options that decide which rows and tokens train (packing changes only how rows are laid out)
+RESUME_INVARIANTS += ("max_length", "overlength", "loss_on")
 
 
 @dataclass

@@ -11,8 +11,12 @@ Columns (one file, or a directory of ``*.parquet`` read in sorted order):
   takes them: image bytes or file paths, 16 kHz waveforms (1-D) or audio bytes, strings; and
   ``datasets``' ``Image`` / ``Audio`` columns, read undecoded (``{"bytes", "path"}``).
 
+Or, for chat data, instead of prompt and response:
+
+- ``messages``: an OpenAI-style conversation ending with the assistant's answer, as JSON text (or
+  native structs); content parts ``text``, ``input_embedding`` and raw media (``chat_rows``).
+
 Rows are numbered from 0 across files in sorted order; every error names that number.
-A ``messages`` (chat) column is not supported in this version.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import numpy as np
 from .encode import MM_PREFIX, DataError, RowEncoder
 
 ROW_KEYS = ("prompt", "response", "items")
+CHAT_KEYS = ("messages", "items")
 # in the output directory of `mmfuse data encode` (training.precompute); a leading "_" hides it from readers
 # of a parquet directory (pyarrow, pandas, Spark), as the shards' temporary files are
 ENCODE_MANIFEST = "_encode.json"
@@ -219,8 +224,13 @@ def _column(rows: list[list], name: str, offset: int, storage: tuple[str, bool])
 def _check_rows(rows: list[Mapping]) -> list[str]:
     """The modality names of rows given to write_parquet, in order of first use."""
     names: list[str] = []
+    chat = bool(rows) and isinstance(rows[0], Mapping) and "messages" in rows[0]
     for r, row in enumerate(rows):
-        if not isinstance(row, Mapping) or set(row) - set(ROW_KEYS) or "prompt" not in row or "response" not in row:
+        if chat:
+            if not isinstance(row, Mapping) or set(row) - set(CHAT_KEYS) or "messages" not in row:
+                raise DataError(f"row {r}: expected a dict with 'messages' and optional 'items' (row 0 is a chat "
+                                f"row), got {list(row) if isinstance(row, Mapping) else type(row).__name__}")
+        elif not isinstance(row, Mapping) or set(row) - set(ROW_KEYS) or "prompt" not in row or "response" not in row:
             raise DataError(f"row {r}: expected a dict with 'prompt', 'response' and optional 'items' "
                             f"{{name: [arrays]}}, got {list(row) if isinstance(row, Mapping) else type(row).__name__}")
         names += [n for n in (row.get("items") or {}) if n not in names]
@@ -235,6 +245,9 @@ def _items(rows: list[Mapping], name: str) -> list[list]:
 
 def write_parquet(rows: Iterable[Mapping], path: str | os.PathLike, rows_per_file: int | None = None) -> list[Path]:
     """Write rows ``{"prompt": str, "response": str, "items": {name: [item, ...]}}`` as parquet.
+
+    Chat rows are ``{"messages": [...], "items"?: ...}`` (every row then): the conversation is stored as
+    JSON text, its arrays in the wire format (``chat_rows.to_json``).
 
     An item is what the inference API takes: vectors (an array ``(n, dim)`` or ``(dim,)``, stored as
     float32) or, for a modality with an encoder, raw media: image bytes or a PIL image (stored as bytes,
@@ -260,8 +273,12 @@ def write_parquet(rows: Iterable[Mapping], path: str | os.PathLike, rows_per_fil
         targets = [path]
     offset = 0
     for chunk, target in zip(chunks, targets):
-        columns = {"prompt": pa.array([r["prompt"] for r in chunk], pa.string()),
-                   "response": pa.array([r["response"] for r in chunk], pa.string())}
+        if "messages" in chunk[0] if chunk else False:
+            from .chat_rows import to_json
+            columns = {"messages": pa.array([to_json(r["messages"]) for r in chunk], pa.string())}
+        else:
+            columns = {"prompt": pa.array([r.get("prompt") for r in chunk], pa.string()),
+                       "response": pa.array([r.get("response") for r in chunk], pa.string())}
         for name in names:
             columns[MM_PREFIX + name] = _column(_items(chunk, name), name, offset, storage[name])
         pq.write_table(pa.table(columns), target)
@@ -270,13 +287,14 @@ def write_parquet(rows: Iterable[Mapping], path: str | os.PathLike, rows_per_fil
 
 
 def check_dataset(ckpt: str | os.PathLike, data: str | os.PathLike, max_errors: int = 10,
-                  streaming: bool = False) -> list[str]:
+                  streaming: bool = False, max_length: int | None = None) -> list[str]:
     """Run every row through the same encoding as training; return up to ``max_errors`` messages.
 
-    An empty list means every row is valid for ``ckpt`` (items, placeholders, token length).
-    Needs the checkpoint's tokenizer and config only, not its weights.
+    An empty list means every row is valid for ``ckpt`` (items, placeholders, chat structure, token
+    length: at most ``max_length``, default the LM's). Needs the checkpoint's tokenizer and config only,
+    not its weights.
     """
-    encoder = RowEncoder.from_checkpoint(ckpt)
+    encoder = RowEncoder.from_checkpoint(ckpt, max_length)
     try:
         ds = open_dataset(data, streaming=streaming)
         encoder.check_columns(column_names(ds))

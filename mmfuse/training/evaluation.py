@@ -24,8 +24,7 @@ def token_loss_sum(model, batch: Batch, autocast=contextlib.nullcontext) -> torc
     """Sum of next-token cross-entropy over the batch's labelled positions (a 0-dim fp32 tensor)."""
     device = model.device
     with autocast():
-        logits = model(batch.input_ids.to(device), batch.items,
-                       attention_mask=batch.attention_mask.to(device)).logits  # [B, S, V]
+        logits = model(batch.input_ids.to(device), batch.items, **batch.lm_kwargs(device)).logits  # [B, S, V]
     logits = logits[:, :-1].float()  # position t predicts token t+1
     labels = batch.labels[:, 1:].to(device)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,

@@ -207,6 +207,9 @@ def encode_dataset(ckpt: str | os.PathLike, data: str | os.PathLike, out: str | 
     schemas = [read_schema(f).names for f in files]
     for columns in schemas:
         encoder.check_columns(columns)
+        if "messages" in columns:  # the items of a conversation's parts have no mm_NAME cell to hold vectors
+            raise DataError(f"{data}: column 'messages': chat data is not encoded ahead; its media parts are "
+                            f"encoded during training (or give the media as mm_NAME columns)")
     if not any(MM_PREFIX + n in columns for columns in schemas for n in names):
         raise DataError(f"{data}: no column for a modality with an encoder (expected one of "
                         f"{[MM_PREFIX + n for n in names]}), so there is nothing to encode")

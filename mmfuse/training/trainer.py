@@ -14,6 +14,7 @@ optimiser step, rather than by wrapping the model in DDP, because
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ..outdir import claim_output_dir, clear_entries
 from .batches import map_steps, steps_per_epoch, stream_steps
 from .config import TrainConfig, TrainConfigError
 from .data import column_names, open_dataset
+from .plan import plan_dataset
 from .encode import DataError, Example, RowEncoder
 from .evaluation import exact_match_hits, loss_totals, token_loss_sum
 from .report import write_report
@@ -130,7 +132,19 @@ class _Run:
             raise DataError(f"{config.data}: the dataset has no rows")
         self.eval_examples = self._eval_examples() if config.eval_data else None
         processes = accelerator.num_processes
-        self.total = config.max_steps or config.epochs * steps_per_epoch(len(self.ds), config, processes)
+        # the training rows' layout (max_length, overlength, loss_on, packing); eval rows, encoded above, are
+        # measured whole, under the model's own length
+        self.encoder = RowEncoder.from_model(self.model, config)
+        # every row checked (and over-long ones dropped) before step 1, identically on every process (plan.py)
+        error = None
+        try:
+            self.plan = plan_dataset(self.encoder, self.ds, config.data)
+        except DataError as e:
+            error = e
+        _raise_if_any(error)
+        if self.plan.dropped and accelerator.is_main_process:
+            print(f"mmfuse train: training on {self.plan.describe()}", file=sys.stderr)
+        self.total = config.max_steps or config.epochs * steps_per_epoch(len(self.plan.rows), config, processes)
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=config.lr,
                                            weight_decay=config.weight_decay)
         from transformers import get_scheduler
@@ -166,9 +180,10 @@ class _Run:
         acc, config = self.acc, self.config
         epoch, start = progress.epoch, progress.epoch_step
         make = stream_steps if config.streaming else map_steps
+        rows = frozenset(self.plan.dropped) if config.streaming else self.plan.rows  # stream: skip; map: keep
         while True:
             produced = False
-            for micro in make(self.ds, config, epoch, start, acc.num_processes, acc.process_index):
+            for micro in make(self.ds, config, epoch, start, acc.num_processes, acc.process_index, rows):
                 produced = True
                 yield epoch, micro
             if not produced and start == 0:
@@ -261,7 +276,7 @@ def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = Non
         progress.evals.append(run.evaluate(progress.step))
     if acc.is_main_process:
         export_checkpoint(run.model, run.peft_model, config, run.ckpt, run.out)
-        write_report(run.out, config, progress, acc.num_processes, time.time() - started)
+        write_report(run.out, config, progress, acc.num_processes, time.time() - started, run.plan.summary())
     acc.wait_for_everyone()
     return TrainResult(out=run.out, steps=progress.step,
                        final_loss=progress.history[-1]["loss"] if progress.history else None,
