@@ -79,7 +79,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=0.0, help="warm-up: a fraction of the steps if < 1, else steps")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
                    help="lr schedule after warm-up")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 master weights")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 = autocast, fp32 master weights (CPUs without avx512_bf16 run it slowly)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default=None,
+                   help="with several processes: ddp (each holds the model) or fsdp (each holds 1/P of the LM, "
+                        "weights, gradients and optimiser state; for full or LoRA stage 2 of a large LM) "
+                        "(default: fsdp under `accelerate launch` with an FSDP config file, else ddp)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in backward: less memory, more compute")
     p.add_argument("--save-every", type=int, default=0,
                    help="save training state (for --resume) every N steps; 0: never")
     p.add_argument("--keep-states", type=int, default=1, help="training states kept on disk (the newest)")

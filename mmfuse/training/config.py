@@ -10,6 +10,7 @@ from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp")  # how several processes hold the model (mmfuse.training.sharding)
 # defaults that work for the stage: projectors learn fast from scratch, a full LM needs care
 DEFAULT_LR = {"projectors": 1e-3, "lora": 2e-4, "full": 2e-5}
 
@@ -44,6 +45,10 @@ class TrainConfig:
     warmup: float = 0.0  # warm-up: a fraction of all steps when < 1, else a number of steps
     schedule: str = "cosine"  # lr after warm-up: cosine | linear (decay to 0) | constant
     dtype: str = "fp32"  # fp32, or bf16 autocast (weights and optimiser state stay fp32)
+    # several processes: ddp (each holds the model) or fsdp (each holds 1/P of it: full or LoRA stage 2 of an LM
+    # too big for one device); None = what an `accelerate launch --config_file` environment asks, else ddp
+    strategy: str | None = None
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward: less memory, ~1/3 more compute
     save_every: int = 0  # write OUT/train_state every N optimiser steps; 0 = never (no --resume possible)
     keep_states: int = 1  # training states kept on disk (the newest ones)
     resume: bool = False  # continue from the newest state in OUT/train_state
@@ -99,6 +104,17 @@ class TrainConfig:
             raise TrainConfigError("max_steps: required with streaming (a stream's length is unknown)")
         if self.schedule not in SCHEDULES:
             raise TrainConfigError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise TrainConfigError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r} (deepspeed is not "
+                                   f"supported in this version: docs/training.md says why)")
+        if self.resolved_strategy() == "fsdp":
+            # each process would generate alone, but FSDP gathers every layer from all processes per forward
+            if self.eval_exact_match:
+                raise TrainConfigError("eval_exact_match: not with strategy fsdp; run `mmfuse eval OUT EVAL_DATA` on "
+                                       "the exported checkpoint (eval loss is computed during the run)")
+            if self.save_every or self.resume:
+                raise TrainConfigError("save_every / resume: training state is not saved with strategy fsdp in this "
+                                       "version (its optimiser state is sharded); use strategy ddp to resume runs")
         if self.dtype not in DTYPES:
             raise TrainConfigError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
         if self.warmup < 0:
@@ -120,6 +136,14 @@ class TrainConfig:
         if self.stage == 1:
             return "projectors"
         return "full" if self.full else "lora"
+
+    def resolved_strategy(self) -> str:
+        """``strategy``, or the launcher's choice (``accelerate launch`` with an FSDP config file: fsdp), else ddp."""
+        if self.strategy is not None:
+            return self.strategy
+        import os
+
+        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else "ddp"
 
     def warmup_steps(self, total_steps: int) -> int:
         return int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)

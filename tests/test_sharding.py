@@ -1,0 +1,101 @@
+"""Sharded and replicated training (mmfuse.training.sharding): FSDP == DDP == one process with the global batch.
+
+2 CPU processes (torchrun, gloo) x batch 3 against 1 process x batch 6, 3 shuffled steps over 15 rows: the
+third step holds 3 rows, all on process 0, so process 1 runs the zero-weight filler; the mixed rows leave
+m2 out of some processes' batches (its projector joins the backward with a zero gradient).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmfuse.training import TrainConfig, train, write_parquet
+from mmfuse.training.config import TrainConfigError
+
+from test_data import make_rows  # tests/ is on sys.path under pytest
+
+ROWS, PER_PROCESS, STEPS = 15, 3, 3  # 15 rows, global batch 6: steps of 6, 6 and 3 rows
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("uneven") / "rows.parquet"
+    write_parquet(make_rows(ROWS), path)
+    return path
+
+
+def _two_processes(ckpt, data, out: Path, strategy: str, extra: list[str]) -> dict:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [str(ckpt), str(data), "--out", str(out), "--stage", "2", "--max-steps", str(STEPS), "--batch-size",
+            str(PER_PROCESS), "--schedule", "constant", "--lr", "1e-3", "--seed", "3", "--strategy", strategy, *extra]
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mmfuse.training", "train",
+                           *args], capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors")) | load_file(str(out / "mm_projectors.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _greedy(out: Path, rows: list[dict]) -> list[list[int]]:
+    from mmfuse import MultimodalPipeline, SamplingConfig
+
+    pipe = MultimodalPipeline(out, backend="hf")
+    requests = [{"text": r["prompt"], "multimodal_data": {"multimodal_embeddings": r["items"]}} for r in rows]
+    return [c[0].token_ids for c in pipe.generate_completions(requests, SamplingConfig(max_tokens=8))]
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_fsdp_equals_ddp_equals_one_process(qwen3_ckpt, uneven_data, tmp_path, kind):
+    extra = ["--full"] if kind == "full" else ["--lora-r", "4"]
+    fsdp = _two_processes(qwen3_ckpt, uneven_data, tmp_path / "fsdp", "fsdp", extra)
+    ddp = _two_processes(qwen3_ckpt, uneven_data, tmp_path / "ddp", "ddp", extra)
+    one = train(TrainConfig(ckpt=str(qwen3_ckpt), data=str(uneven_data), out=str(tmp_path / "one"), stage=2,
+                            max_steps=STEPS, batch_size=2 * PER_PROCESS, schedule="constant", lr=1e-3, seed=3,
+                            full=kind == "full", lora_r=4))
+    single = json.loads(one.metrics_path.read_text())
+    assert fsdp["processes"] == ddp["processes"] == 2 and single["processes"] == 1
+    assert [r["rows"] for r in fsdp["history"]] == [r["rows"] for r in single["history"]] == [6, 6, 3]
+    for run in (fsdp, ddp):
+        for a, b in zip(run["history"], single["history"], strict=True):
+            assert abs(a["loss"] - b["loss"]) < 1e-5 and a["tokens"] == b["tokens"]
+    reference = _weights(tmp_path / "one")
+    assert _max_diff(_weights(tmp_path / "ddp"), reference) < 1e-5
+    assert _max_diff(_weights(tmp_path / "fsdp"), reference) < 1e-5
+    assert _max_diff(_weights(tmp_path / "one"), _weights(qwen3_ckpt)) > 1e-4  # the runs did train something
+    # the FSDP export is an ordinary checkpoint: it loads alone and generates the DDP export's tokens
+    rows = make_rows(4, seed=7)
+    assert _greedy(tmp_path / "fsdp", rows) == _greedy(tmp_path / "ddp", rows)
+
+
+def test_fsdp_refuses_what_it_cannot_do(qwen3_ckpt, uneven_data, tmp_path):
+    base = dict(ckpt=str(qwen3_ckpt), data=str(uneven_data), out=str(tmp_path / "o"), stage=2, strategy="fsdp")
+    with pytest.raises(TrainConfigError, match="eval_exact_match: not with strategy fsdp"):
+        TrainConfig(**base, eval_data=str(uneven_data), eval_exact_match=True)
+    with pytest.raises(TrainConfigError, match="save_every / resume"):
+        TrainConfig(**base, save_every=1)
+    with pytest.raises(TrainConfigError, match="strategy: expected one of"):
+        TrainConfig(**(base | {"strategy": "deepspeed"}))
+
+
+def test_an_accelerate_fsdp_config_selects_fsdp(qwen3_ckpt, uneven_data, tmp_path, monkeypatch):
+    """`accelerate launch --config_file fsdp.yaml` sets ACCELERATE_USE_FSDP; an explicit strategy wins."""
+    base = dict(ckpt=str(qwen3_ckpt), data=str(uneven_data), out=str(tmp_path / "o"), stage=2)
+    assert TrainConfig(**base).resolved_strategy() == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert TrainConfig(**base).resolved_strategy() == "fsdp"
+    assert TrainConfig(**base, strategy="ddp").resolved_strategy() == "ddp"
