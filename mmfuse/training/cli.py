@@ -184,6 +184,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=None,
                    help="vLLM backend KV cache size in GiB (default: from free memory on CPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM backend context length (default: the model's)")
+    p.add_argument("--ablate", type=lambda v: [m.strip() for m in v.split(",") if m.strip()], default=None,
+                   metavar="MODE[,MODE...]",
+                   help="also score with each modality's vectors, then all of them, replaced: zero, shuffle (across "
+                        "rows) or noise (matched mean/std); reports each score and its drop (default: no ablation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and noise ablations")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -192,7 +197,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from .evaluation import evaluate, metrics_line
         config = EvalConfig(backend=args.backend, batch_size=args.batch_size, max_tokens=args.max_tokens,
                             limit=args.limit, loss=args.loss, kv_cache_gb=args.kv_cache_gb,
-                            max_model_len=args.max_model_len)
+                            max_model_len=args.max_model_len, ablate=args.ablate, seed=args.seed)
         print(metrics_line(evaluate(args.ckpt, args.data, config)))
     return status.code
 

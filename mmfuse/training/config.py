@@ -10,7 +10,8 @@ from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
-STRATEGIES = ("ddp", "fsdp")  # how several processes hold the model (mmfuse.training.sharding)
+STRATEGIES = ("ddp", "fsdp")
+ABLATIONS = ("zero", "shuffle", "noise")  # what `mmfuse eval --ablate` puts in place of a modality's vectors  # how several processes hold the model (mmfuse.training.sharding)
 # defaults that work for the stage: projectors learn fast from scratch, a full LM needs care
 DEFAULT_LR = {"projectors": 1e-3, "lora": 2e-4, "full": 2e-5}
 
@@ -161,7 +162,7 @@ RESUME_INVARIANTS = ("data", "stage", "lora_r", "lora_alpha", "full", "epochs", 
 
 @dataclass
 class EvalConfig:
-    """``mmfuse eval CKPT DATA``: greedy exact match (any backend) and eval loss (hf)."""
+    """``mmfuse eval CKPT DATA``: scores of greedy generations (any backend), eval loss (hf), input ablations."""
 
     backend: str = "hf"  # hf | vllm | auto (as MultimodalPipeline)
     batch_size: int = 16  # prompts per generate call
@@ -170,8 +171,16 @@ class EvalConfig:
     loss: bool = True  # eval loss (teacher-forced, response tokens only); hf backend only
     kv_cache_gb: float | None = None  # vLLM backend: KV cache size; None = mmfuse's default for the machine
     max_model_len: int | None = None  # vLLM backend: context length; None = the model's own
+    ablate: list[str] | None = None  # also score with each modality's vectors zeroed / shuffled / noised (ABLATIONS)
+    seed: int = 0  # seeds the shuffle and noise ablations
 
     def __post_init__(self) -> None:
+        if self.ablate is not None:
+            if isinstance(self.ablate, str):
+                self.ablate = [self.ablate]
+            bad = [m for m in self.ablate if m not in ABLATIONS]
+            if bad or not self.ablate:
+                raise TrainConfigError(f"ablate: expected some of {ABLATIONS}, got {self.ablate!r}")
         if self.backend not in ("hf", "vllm", "auto"):
             raise TrainConfigError(f"backend: expected hf, vllm or auto, got {self.backend!r}")
         for key in ("batch_size", "max_tokens", "limit"):
