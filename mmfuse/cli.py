@@ -178,6 +178,7 @@ examples:
   mmfuse bench throughput --help
   mmfuse bench serve --help
   mmfuse bench engine-core --help
+  mmfuse bench training-memory --help
 """,
 }
 
@@ -495,7 +496,7 @@ def _add_modality(args: argparse.Namespace) -> None:
 
 BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load",
               "engine-core": "mmfuse.bench.engine_core", "projectors": "mmfuse.bench.projectors",
-              "encoders": "mmfuse.bench.encoders"}
+              "encoders": "mmfuse.bench.encoders", "training-memory": "mmfuse.bench.training_memory"}
 
 
 def _bench(args: argparse.Namespace) -> int:
