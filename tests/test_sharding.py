@@ -2,12 +2,15 @@
 
 2 CPU processes (torchrun, gloo) x batch 3 against 1 process x batch 6, 3 shuffled steps over 15 rows: the
 third step holds 3 rows, all on process 0, so process 1 runs the zero-weight filler; the mixed rows leave
-m2 out of some processes' batches (its projector joins the backward with a zero gradient).
+m2 out of some processes' batches (its projector joins the backward with a zero gradient). Both 2-process
+runs save their state at step 2: the files agree (one format for both strategies), and the DDP state
+resumed under FSDP finishes the run as the uninterrupted one.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +35,7 @@ def uneven_data(tmp_path_factory) -> Path:
 
 
 def _two_processes(ckpt, data, out: Path, strategy: str, extra: list[str]) -> dict:
+    extra = ["--save-every", "2", *extra]
     torchrun = Path(sys.executable).with_name("torchrun")
     args = [str(ckpt), str(data), "--out", str(out), "--stage", "2", "--max-steps", str(STEPS), "--batch-size",
             str(PER_PROCESS), "--schedule", "constant", "--lr", "1e-3", "--seed", "3", "--strategy", strategy, *extra]
@@ -40,6 +44,13 @@ def _two_processes(ckpt, data, out: Path, strategy: str, extra: list[str]) -> di
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "metrics.json").read_text())
+
+
+def _state(out: Path) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The step-2 state: trained parameters and Adam's first moments, in parameter order."""
+    state = out / "train_state" / "step_00000002"
+    opt = torch.load(state / "optimizer.pt", weights_only=True)
+    return load_file(str(state / "trainable.safetensors")), [opt["state"][i]["exp_avg"] for i in sorted(opt["state"])]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -80,14 +91,22 @@ def test_fsdp_equals_ddp_equals_one_process(qwen3_ckpt, uneven_data, tmp_path, k
     # the FSDP export is an ordinary checkpoint: it loads alone and generates the DDP export's tokens
     rows = make_rows(4, seed=7)
     assert _greedy(tmp_path / "fsdp", rows) == _greedy(tmp_path / "ddp", rows)
+    # training state: FSDP gathers its shards into DDP's format, and a DDP state resumes under FSDP
+    (fsdp_params, fsdp_moments), (ddp_params, ddp_moments) = _state(tmp_path / "fsdp"), _state(tmp_path / "ddp")
+    assert _max_diff(fsdp_params, ddp_params) < 1e-5 and len(fsdp_moments) == len(ddp_moments) > 0
+    for a, b in zip(fsdp_moments, ddp_moments):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    shutil.copytree(tmp_path / "ddp", tmp_path / "resumed")  # holds the state of step 2, and a finished export
+    resumed = _two_processes(qwen3_ckpt, uneven_data, tmp_path / "resumed", "fsdp", [*extra, "--resume"])
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in ddp["history"]][:2] + \
+        [resumed["history"][2]["loss"]] and abs(resumed["history"][2]["loss"] - single["history"][2]["loss"]) < 1e-5
+    assert _max_diff(_weights(tmp_path / "resumed"), reference) < 1e-5
 
 
 def test_fsdp_refuses_what_it_cannot_do(qwen3_ckpt, uneven_data, tmp_path):
     base = dict(ckpt=str(qwen3_ckpt), data=str(uneven_data), out=str(tmp_path / "o"), stage=2, strategy="fsdp")
     with pytest.raises(TrainConfigError, match="eval_exact_match: not with strategy fsdp"):
         TrainConfig(**base, eval_data=str(uneven_data), eval_exact_match=True)
-    with pytest.raises(TrainConfigError, match="save_every / resume"):
-        TrainConfig(**base, save_every=1)
     with pytest.raises(TrainConfigError, match="strategy: expected one of"):
         TrainConfig(**(base | {"strategy": "deepspeed"}))
 

@@ -108,14 +108,10 @@ class TrainConfig:
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise TrainConfigError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r} (deepspeed is not "
                                    f"supported in this version: docs/training.md says why)")
-        if self.resolved_strategy() == "fsdp":
+        if self.eval_exact_match and self.resolved_strategy() == "fsdp":
             # each process would generate alone, but FSDP gathers every layer from all processes per forward
-            if self.eval_exact_match:
-                raise TrainConfigError("eval_exact_match: not with strategy fsdp; run `mmfuse eval OUT EVAL_DATA` on "
-                                       "the exported checkpoint (eval loss is computed during the run)")
-            if self.save_every or self.resume:
-                raise TrainConfigError("save_every / resume: training state is not saved with strategy fsdp in this "
-                                       "version (its optimiser state is sharded); use strategy ddp to resume runs")
+            raise TrainConfigError("eval_exact_match: not with strategy fsdp; run `mmfuse eval OUT EVAL_DATA` on "
+                                   "the exported checkpoint (eval loss is computed during the run)")
         if self.dtype not in DTYPES:
             raise TrainConfigError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
         if self.warmup < 0:

@@ -115,6 +115,56 @@ class Parallel:
         # over DTensor shards torch computes the norm of the whole gradient (a reduction across processes)
         torch.nn.utils.clip_grad_norm_([p for _, p in self.params], max_norm)
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained parameters, whole, fp32 on CPU, keyed by ``model.named_parameters()`` names (every process
+        must call this: with FSDP each parameter is all-gathered from its shards)."""
+        out = {}
+        for n, p in self.params:
+            t = p.detach().full_tensor() if self.sharded else p.detach()
+            out[n] = t.to("cpu", torch.float32).contiguous()
+        return out
+
+    @torch.no_grad()
+    def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the trained parameters from whole tensors (each process keeps its own shard under FSDP)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        for n, p in self.params:
+            t = tensors[n].to(p.dtype)
+            p.copy_(distribute_tensor(t.to(p.device), p.device_mesh, p.placements) if self.sharded else t)
+
+    def optimizer_state(self, optimizer) -> dict:
+        """``optimizer.state_dict()``'s format (states keyed by the parameter's index in ``params``) whatever the
+        strategy, so a state saved under one strategy resumes under the other. Every process must call this;
+        with FSDP only the main process gets the gathered states (the others an empty dict)."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(self.module, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not full:
+            return {}
+        index = {name: i for i, name in enumerate(self._fqns())}
+        return {"state": {index[k]: v for k, v in full["state"].items()},
+                "param_groups": [g | {"params": [index[k] for k in g["params"]]} for g in full["param_groups"]]}
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """The counterpart of ``optimizer_state`` (the same whole state on every process)."""
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = self._fqns()
+        by_name = {"state": {names[i]: v for i, v in state["state"].items()},
+                   "param_groups": [g | {"params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        set_optimizer_state_dict(self.module, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+    def _fqns(self) -> list[str]:
+        """The trained parameters' names as seen from ``module`` (TokenLoss holds the model as ``model``)."""
+        return [f"model.{n}" for n, _ in self.params]
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """FSDP: every parameter and buffer gathered whole, on the main process only (every process must
         call this); keys as in ``model.state_dict()``."""

@@ -254,7 +254,7 @@ def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = Non
     run = _Run(config, acc)
     progress = Progress()
     if config.resume:
-        progress = load_state(run.out, config, run.params, run.optimizer, run.scheduler, acc)
+        progress = load_state(run.out, config, run.parallel, run.optimizer, run.scheduler, acc)
     run.model.train()
     started = time.time()
     bar = tqdm(total=run.total, initial=progress.step, disable=not acc.is_main_process, desc=f"stage {config.stage}")
@@ -274,7 +274,7 @@ def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = Non
         if run.eval_examples is not None and config.eval_every and progress.step % config.eval_every == 0:
             progress.evals.append(run.evaluate(progress.step))
         if config.save_every and progress.step % config.save_every == 0:
-            save_state(run.out, progress, config, run.params, run.optimizer, run.scheduler, acc)
+            save_state(run.out, progress, config, run.parallel, run.optimizer, run.scheduler, acc)
         if on_step is not None:
             on_step(progress.step, record)
     bar.close()
