@@ -25,6 +25,7 @@ from mmfuse.training.config import TrainConfigError
 from test_data import make_rows  # tests/ is on sys.path under pytest
 
 ROWS, PER_PROCESS, STEPS = 15, 3, 3  # 15 rows, global batch 6: steps of 6, 6 and 3 rows
+EVAL_BATCH = 7  # eval rows 8 + 7 per process: 2 batches on process 0, 1 (and a filler under FSDP) on process 1
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def uneven_data(tmp_path_factory) -> Path:
 
 
 def _two_processes(ckpt, data, out: Path, strategy: str, extra: list[str]) -> dict:
-    extra = ["--save-every", "2", *extra]
+    extra = ["--save-every", "2", "--eval-data", str(data), "--eval-batch-size", str(EVAL_BATCH), *extra]
     torchrun = Path(sys.executable).with_name("torchrun")
     args = [str(ckpt), str(data), "--out", str(out), "--stage", "2", "--max-steps", str(STEPS), "--batch-size",
             str(PER_PROCESS), "--schedule", "constant", "--lr", "1e-3", "--seed", "3", "--strategy", strategy, *extra]
@@ -73,17 +74,22 @@ def _greedy(out: Path, rows: list[dict]) -> list[list[int]]:
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_fsdp_equals_ddp_equals_one_process(qwen3_ckpt, uneven_data, tmp_path, kind):
     extra = ["--full"] if kind == "full" else ["--lora-r", "4"]
-    fsdp = _two_processes(qwen3_ckpt, uneven_data, tmp_path / "fsdp", "fsdp", extra)
+    # the full run also recomputes activations under FSDP: checkpointing changes no number either
+    fsdp = _two_processes(qwen3_ckpt, uneven_data, tmp_path / "fsdp", "fsdp",
+                          [*extra, "--gradient-checkpointing"] if kind == "full" else extra)
     ddp = _two_processes(qwen3_ckpt, uneven_data, tmp_path / "ddp", "ddp", extra)
     one = train(TrainConfig(ckpt=str(qwen3_ckpt), data=str(uneven_data), out=str(tmp_path / "one"), stage=2,
                             max_steps=STEPS, batch_size=2 * PER_PROCESS, schedule="constant", lr=1e-3, seed=3,
-                            full=kind == "full", lora_r=4))
+                            full=kind == "full", lora_r=4, eval_data=str(uneven_data), eval_batch_size=EVAL_BATCH))
     single = json.loads(one.metrics_path.read_text())
     assert fsdp["processes"] == ddp["processes"] == 2 and single["processes"] == 1
     assert [r["rows"] for r in fsdp["history"]] == [r["rows"] for r in single["history"]] == [6, 6, 3]
     for run in (fsdp, ddp):
         for a, b in zip(run["history"], single["history"], strict=True):
             assert abs(a["loss"] - b["loss"]) < 1e-5 and a["tokens"] == b["tokens"]
+    for run in (fsdp, ddp):  # the eval loss after training, over all 15 rows split across processes
+        assert run["final_eval"]["n"] == ROWS
+        assert abs(run["final_eval"]["eval_loss"] - single["final_eval"]["eval_loss"]) < 1e-5
     reference = _weights(tmp_path / "one")
     assert _max_diff(_weights(tmp_path / "ddp"), reference) < 1e-5
     assert _max_diff(_weights(tmp_path / "fsdp"), reference) < 1e-5
