@@ -83,6 +83,7 @@ def test_fsdp_equals_ddp_equals_one_process(qwen3_ckpt, uneven_data, tmp_path, k
                             full=kind == "full", lora_r=4, eval_data=str(uneven_data), eval_batch_size=EVAL_BATCH))
     single = json.loads(one.metrics_path.read_text())
     assert fsdp["processes"] == ddp["processes"] == 2 and single["processes"] == 1
+    assert (fsdp["strategy"], ddp["strategy"]) == ("fsdp", "ddp")
     assert [r["rows"] for r in fsdp["history"]] == [r["rows"] for r in single["history"]] == [6, 6, 3]
     for run in (fsdp, ddp):
         for a, b in zip(run["history"], single["history"], strict=True):
@@ -115,6 +116,38 @@ def test_fsdp_refuses_what_it_cannot_do(qwen3_ckpt, uneven_data, tmp_path):
         TrainConfig(**base, eval_data=str(uneven_data), eval_exact_match=True)
     with pytest.raises(TrainConfigError, match="strategy: expected one of"):
         TrainConfig(**(base | {"strategy": "deepspeed"}))
+
+
+ACCELERATE_FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+"""
+
+
+def test_accelerate_launch_with_an_fsdp_config_file(qwen3_ckpt, uneven_data, tmp_path):
+    """`accelerate launch --config_file fsdp.yaml` picks fsdp without --strategy. Such a launch also makes
+    transformers load the LM on process 0 only (zeros elsewhere): the weights must come from process 0."""
+    (tmp_path / "fsdp.yaml").write_text(ACCELERATE_FSDP_CONFIG)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    args = [str(qwen3_ckpt), str(uneven_data), "--out", str(tmp_path / "acc"), "--stage", "2", "--lora-r", "4",
+            "--max-steps", str(STEPS), "--batch-size", str(PER_PROCESS), "--schedule", "constant", "--lr", "1e-3",
+            "--seed", "3"]
+    proc = subprocess.run([str(accelerate), "launch", "--config_file", str(tmp_path / "fsdp.yaml"), "-m",
+                           "mmfuse.training", "train", *args], capture_output=True, text=True,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = train(TrainConfig(ckpt=str(qwen3_ckpt), data=str(uneven_data), out=str(tmp_path / "one"), stage=2,
+                            max_steps=STEPS, batch_size=2 * PER_PROCESS, schedule="constant", lr=1e-3, seed=3,
+                            lora_r=4))
+    launched, single = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "acc", one.out))
+    assert launched["processes"] == 2 and launched["config"]["strategy"] is None and launched["strategy"] == "fsdp"
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(launched["history"], single["history"], strict=True)) < 1e-5
+    assert _max_diff(_weights(tmp_path / "acc"), _weights(one.out)) < 1e-5
 
 
 def test_an_accelerate_fsdp_config_selects_fsdp(qwen3_ckpt, uneven_data, tmp_path, monkeypatch):

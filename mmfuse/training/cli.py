@@ -113,12 +113,18 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    with _handled("train") as status:
-        from .trainer import train
-        result = train(train_config_from_args(args))
-        if result.main_process:
-            print(f"wrote {result.out} ({result.steps} steps, final loss {result.final_loss:.4f})"
-                  if result.final_loss is not None else f"wrote {result.out}")
+    try:
+        with _handled("train") as status:
+            from .trainer import train
+            result = train(train_config_from_args(args))
+            if result.main_process:
+                print(f"wrote {result.out} ({result.steps} steps, final loss {result.final_loss:.4f})"
+                      if result.final_loss is not None else f"wrote {result.out}")
+    finally:
+        # a launched process ends with this command: close its process group (no-op when there is none);
+        # left open, gloo's threads aborted one process at interpreter exit under `accelerate launch`
+        from accelerate import PartialState
+        PartialState().destroy_process_group()
     return status.code
 
 

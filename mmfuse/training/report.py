@@ -7,8 +7,8 @@ from pathlib import Path
 from .config import TrainConfig
 
 
-def write_report(out: Path, config: TrainConfig, progress, processes: int, seconds: float) -> None:
-    metrics = {"config": config.to_dict(), "processes": processes, "steps": progress.step,
+def write_report(out: Path, config: TrainConfig, progress, processes: int, seconds: float, strategy: str) -> None:
+    metrics = {"config": config.to_dict(), "processes": processes, "strategy": strategy, "steps": progress.step,
                "train_seconds_this_session": round(seconds, 3),
                "final_loss": progress.history[-1]["loss"] if progress.history else None,
                "final_eval": progress.evals[-1] if progress.evals else None,

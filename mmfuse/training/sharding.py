@@ -87,9 +87,17 @@ class Parallel:
             # under a frozen embedding would feed layer 0 inputs that need no gradient, its reduce-scatter would
             # move to the end of backward on that process only, and the processes' collectives would differ
             model.lm.enable_input_require_grads()
+            # process 0's weights, whole (the tensors themselves, no copy); under `accelerate launch` with an FSDP
+            # config transformers loads the LM on local process 0 only (`fsdp_cpu_ram_efficient_loading`, on by
+            # default) and gives the others zeros, expecting them to be sent from process 0 after wrapping
+            whole = loss.state_dict() if accelerator.is_main_process else {}
             for layer in _layer_units(model.lm):
                 fully_shard(layer)
             fully_shard(loss)  # the root: embeddings, norm, head and projectors
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(loss, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            del whole
             self.module = loss
         elif self.distributed:
             self.module = accelerator.prepare_model(loss)  # DistributedDataParallel

@@ -282,7 +282,7 @@ def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = Non
         progress.evals.append(run.evaluate(progress.step))
     run.export()
     if acc.is_main_process:
-        write_report(run.out, config, progress, acc.num_processes, time.time() - started)
+        write_report(run.out, config, progress, acc.num_processes, time.time() - started, run.strategy)
     acc.wait_for_everyone()
     return TrainResult(out=run.out, steps=progress.step,
                        final_loss=progress.history[-1]["loss"] if progress.history else None,
