@@ -122,7 +122,7 @@ examples:
   mmfuse train run1 train.parquet --stage 2 --lora-r 16 --out run2 --epochs 3
   mmfuse train run1 train.parquet --stage 2 --out run2 --epochs 3 --save-every 100 --resume   # continue run2
   torchrun --standalone --nproc_per_node 2 -m mmfuse.training train ckpt train.parquet --stage 1 --out run1
-  torchrun --standalone --nproc_per_node 8 -m mmfuse.training train run1 train.parquet --stage 2 --full \
+  torchrun --standalone --nproc_per_node 8 -m mmfuse.training train run1 train.parquet --stage 2 --full \\
       --strategy fsdp --gradient-checkpointing --dtype bf16 --out run2          # the LM sharded over 8 GPUs
 
 Data: Parquet with columns prompt, response and mm_NAME (the row's items of modality NAME).
