@@ -67,6 +67,14 @@ def test_raw_media_and_bad_modes_are_refused():
     assert modalities_present(_rows(), ["b", "a", "c"]) == ["b", "a"]
 
 
+def test_ablate_without_any_vectors_is_refused(qwen3_ckpt, tmp_path):
+    from mmfuse.training import evaluate, write_parquet
+
+    write_parquet([{"prompt": "describe nothing", "response": "red"}] * 3, tmp_path / "text.parquet")
+    with pytest.raises(DataError, match="--ablate found no items in any mm_NAME column"):
+        evaluate(qwen3_ckpt, tmp_path / "text.parquet", EvalConfig(ablate=["zero"], loss=False))
+
+
 @pytest.fixture(scope="module")
 def demo_report():
     """`mmfuse eval demo/ckpt demo/heldout.parquet --limit 16 --ablate zero,shuffle,noise` (one JSON line)."""

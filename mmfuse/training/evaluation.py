@@ -9,9 +9,10 @@ re-scores them with a modality's vectors destroyed (``ablation``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from ..sampling import SamplingConfig
 from .config import EvalConfig
 from .data import column_names, iter_rows, open_dataset
-from .encode import IGNORE, Batch, Example, RowEncoder
+from .encode import IGNORE, Batch, DataError, Example, RowEncoder
 from .scores import is_exact, text_scores
 
 
@@ -65,8 +66,7 @@ def load_rows(encoder: RowEncoder, data: str | os.PathLike, limit: int | None = 
     """(row index, row) of a (held-out) dataset, the first ``limit`` rows, its columns checked."""
     ds = open_dataset(data)
     encoder.check_columns(column_names(ds))
-    rows: Iterable = iter_rows(ds)
-    return [(i, row) for i, row in rows if limit is None or i < limit]
+    return list(itertools.islice(iter_rows(ds), limit))
 
 
 def load_examples(encoder: RowEncoder, data: str | os.PathLike, limit: int | None = None) -> list[Example]:
@@ -118,6 +118,8 @@ def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike, config: EvalConfi
             metrics["eval_tokens"] = tokens
         if config.ablate:
             names = modalities_present(rows, list(encoder.specs))
+            if not names:
+                raise DataError(f"{data}: --ablate found no items in any mm_NAME column of the evaluated rows")
             metrics["ablation"] = ablation_report(rows, names, config.ablate, score, scores, config.seed)
     finally:
         backend.close()
