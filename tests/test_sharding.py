@@ -110,6 +110,22 @@ def test_fsdp_equals_ddp_equals_one_process(qwen3_ckpt, uneven_data, tmp_path, k
     assert _max_diff(_weights(tmp_path / "resumed"), reference) < 1e-5
 
 
+def test_accumulation_with_idle_micro_steps(qwen3_ckpt, uneven_data, tmp_path):
+    """--grad-accum 2 x batch 3 x 2 processes == batch 12: step 2 has 3 rows, all in process 0's first
+    micro-step, so process 1 runs two fillers and process 0 one, under DDP's no_sync and FSDP alike."""
+    runs = {s: _two_processes(qwen3_ckpt, uneven_data, tmp_path / s, s, ["--lora-r", "4", "--grad-accum", "2"])
+            for s in ("fsdp", "ddp")}
+    one = train(TrainConfig(ckpt=str(qwen3_ckpt), data=str(uneven_data), out=str(tmp_path / "one"), stage=2,
+                            max_steps=STEPS, batch_size=4 * PER_PROCESS, schedule="constant", lr=1e-3, seed=3,
+                            lora_r=4))
+    single = json.loads(one.metrics_path.read_text())["history"]
+    assert [r["rows"] for r in single] == [12, 3, 12]
+    for strategy, run in runs.items():
+        assert [r["rows"] for r in run["history"]] == [12, 3, 12]
+        assert max(abs(a["loss"] - b["loss"]) for a, b in zip(run["history"], single, strict=True)) < 1e-5
+        assert _max_diff(_weights(tmp_path / strategy), _weights(one.out)) < 1e-5, strategy
+
+
 def test_fsdp_refuses_what_it_cannot_do(qwen3_ckpt, uneven_data, tmp_path):
     base = dict(ckpt=str(qwen3_ckpt), data=str(uneven_data), out=str(tmp_path / "o"), stage=2, strategy="fsdp")
     with pytest.raises(TrainConfigError, match="eval_exact_match: not with strategy fsdp"):
