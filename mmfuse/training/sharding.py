@@ -173,10 +173,15 @@ class Parallel:
         """The trained parameters' names as seen from ``module`` (TokenLoss holds the model as ``model``)."""
         return [f"model.{n}" for n, _ in self.params]
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """FSDP: every parameter and buffer gathered whole, on the main process only (every process must
-        call this); keys as in ``model.state_dict()``."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    @torch.no_grad()
+    def copy_into(self, target: nn.Module | None) -> None:
+        """Every weight and buffer of the trained model, whole, into ``target`` (a model of the same structure,
+        on the main process; None elsewhere). Every process must call this: FSDP gathers one tensor at a time
+        (DTensor ``full_tensor``), so the main process never holds a second whole copy beside ``target``."""
+        from torch.distributed.tensor import DTensor
 
-        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("model."): v for k, v in state.items()}
+        own = target.state_dict() if target is not None else None
+        for name, t in self.model.state_dict().items():  # the same order on every process
+            whole = t.full_tensor() if isinstance(t, DTensor) else t
+            if own is not None:
+                own[name].copy_(whole)

@@ -220,13 +220,14 @@ class _Run:
         """Write OUT as a plain checkpoint (main process); with FSDP every process first gathers the shards."""
         config = self.config
         if self.parallel.sharded:
-            state = self.parallel.full_state_dict()
-            if not self.acc.is_main_process:
+            # a fresh model of the same structure (LoRA layers included) on the main process takes the weights
+            model, peft_model = None, None
+            if self.acc.is_main_process:
+                model = load(self.ckpt)
+                _, peft_model = setup_trainable(model, config)
+            self.parallel.copy_into(model)
+            if model is None:
                 return
-            # a fresh model of the same structure (LoRA layers included) takes the gathered weights
-            model = load(self.ckpt)
-            _, peft_model = setup_trainable(model, config)
-            model.load_state_dict(state)
         else:
             if not self.acc.is_main_process:
                 return
