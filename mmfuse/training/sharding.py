@@ -124,12 +124,14 @@ class Parallel:
         torch.nn.utils.clip_grad_norm_([p for _, p in self.params], max_norm)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trained parameters, whole, fp32 on CPU, keyed by ``model.named_parameters()`` names (every process
-        must call this: with FSDP each parameter is all-gathered from its shards)."""
+        """The trained parameters, whole, fp32 on CPU, keyed by ``model.named_parameters()`` names. Every process
+        must call this (with FSDP each parameter is all-gathered from its shards); only the main process keeps
+        them (the others get an empty dict), one parameter at a time."""
         out = {}
         for n, p in self.params:
             t = p.detach().full_tensor() if self.sharded else p.detach()
-            out[n] = t.to("cpu", torch.float32).contiguous()
+            if self.acc.is_main_process:
+                out[n] = t.to("cpu", torch.float32).contiguous()
         return out
 
     @torch.no_grad()
