@@ -16,7 +16,7 @@ Prints (the ``...`` vary):
     checkpoint: /tmp/.../ckpt
     dataset: /tmp/.../train.parquet (16 rows)
     trained: /tmp/.../run1 in 10 steps, loss ... -> ...
-    eval: {"backend": "hf", "eval_loss": ..., "eval_tokens": ..., "exact_match": ..., "max_tokens": ..., "n": 16}
+    eval: {"backend": "hf", "bleu": ..., "eval_loss": ..., "eval_tokens": ..., "exact_match": ..., "max_tokens": ..., "n": 16, "rouge1": ..., "rouge2": ..., "rougeL": ..., "token_f1": ...}
     server: http://127.0.0.1:.../v1 model /tmp/.../run1
     served: '...' (offline, transformers: the same)
     server stopped: exit code 0

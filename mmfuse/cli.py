@@ -122,6 +122,8 @@ examples:
   mmfuse train run1 train.parquet --stage 2 --lora-r 16 --out run2 --epochs 3
   mmfuse train run1 train.parquet --stage 2 --out run2 --epochs 3 --save-every 100 --resume   # continue run2
   torchrun --standalone --nproc_per_node 2 -m mmfuse.training train ckpt train.parquet --stage 1 --out run1
+  torchrun --standalone --nproc_per_node 8 -m mmfuse.training train run1 train.parquet --stage 2 --full \\
+      --strategy fsdp --gradient-checkpointing --dtype bf16 --out run2          # the LM sharded over 8 GPUs
 
 Data: Parquet with columns prompt, response and mm_NAME (the row's items of modality NAME).
 --out must be missing or empty unless --resume (continue the run there) or --overwrite (start over).
@@ -142,8 +144,9 @@ examples:
 """,
     "eval": """\
 examples:
-  mmfuse eval run2 heldout.parquet                       # transformers: exact match and eval loss
+  mmfuse eval run2 heldout.parquet                       # transformers: exact match, F1, BLEU, ROUGE, eval loss
   mmfuse eval run2 heldout.parquet --backend vllm --limit 100
+  mmfuse eval run2 heldout.parquet --ablate zero,shuffle,noise   # score drop per modality without its vectors
 """,
     "data check": """\
 examples:
@@ -179,6 +182,7 @@ examples:
   mmfuse bench peer --quick          # the mmfuse plugin vs vLLM's own prompt_embeds
   mmfuse bench prefix --quick        # shared prefix with items: cold vs warm TTFT
   mmfuse bench server --quick        # wire decoding, server vs offline, scaling over clients
+  mmfuse bench training-memory --help
 """,
 }
 
@@ -418,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     for group, name, key, text, add, run in (
             (sub, "train", "train", "stage 1 (projectors) or stage 2 (LoRA / full) training", add_train_args,
              run_train),
-            (sub, "eval", "eval", "greedy exact match (and eval loss) on a dataset, one JSON line", add_eval_args,
-             run_eval),
+            (sub, "eval", "eval", "greedy generations scored (exact match, F1, BLEU, ROUGE), eval loss, input "
+             "ablations: one JSON line", add_eval_args, run_eval),
             (data, "check", "data check", "validate a dataset against a checkpoint", add_data_check_args,
              run_data_check),
             (data, "encode", "data encode", "precompute encoder vectors for a dataset's raw media (resumable)",
@@ -497,7 +501,8 @@ def _add_modality(args: argparse.Namespace) -> None:
 BENCHMARKS = {"throughput": "mmfuse.bench.throughput", "serve": "mmfuse.bench.serve_load",
               "engine-core": "mmfuse.bench.engine_core", "projectors": "mmfuse.bench.projectors",
               "encoders": "mmfuse.bench.encoders", "peer": "mmfuse.bench.peer", "prefix": "mmfuse.bench.prefix",
-              "server": "mmfuse.bench.server", "quantized": "mmfuse.bench.quantized"}
+              "server": "mmfuse.bench.server", "quantized": "mmfuse.bench.quantized",
+              "training-memory": "mmfuse.bench.training_memory"}
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -132,6 +132,20 @@ def test_gradient_accumulation_equals_a_larger_batch(qwen3_ckpt, mixed_data, tmp
     assert max_diff(projectors(big.out), projectors(acc.out)) < 1e-5
 
 
+@pytest.mark.parametrize("kw", [dict(stage=2, lora_r=4), dict(stage=2, full=True)], ids=["lora", "full"])
+def test_gradient_checkpointing_changes_no_number(qwen3_ckpt, mixed_data, tmp_path, kw):
+    """Recomputing the decoder layers in backward gives the same loss and gradients (Adam's first moment)."""
+    runs = [train(cfg(qwen3_ckpt, mixed_data, tmp_path / f"gc{int(on)}", batch_size=6, max_steps=2, save_every=1,
+                      gradient_checkpointing=on, **kw)) for on in (False, True)]
+    plain, checkpointed = (json.loads(r.metrics_path.read_text())["history"] for r in runs)
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(plain, checkpointed, strict=True))
+    for a, b in zip(first_moments(runs[0].out), first_moments(runs[1].out), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    weights = [load_file(str(r.out / "model.safetensors")) | projectors(r.out) for r in runs]
+    assert max_diff(*weights) < 1e-5
+    assert json.loads((runs[1].out / "config.json").read_text()).get("use_cache") is not False  # export unchanged
+
+
 def test_two_processes_equal_one_process_with_double_batch(qwen3_ckpt, mixed_data, tmp_path):
     """torchrun, 2 CPU processes (gloo) x batch 4 == 1 process x batch 8: loss, gradients, weights."""
     args = [str(qwen3_ckpt), str(mixed_data), "--stage", "1", "--max-steps", "1", "--save-every", "1",

@@ -13,11 +13,14 @@ Public API (stable; the CLI and the demo build on exactly these names)::
     errors = check_dataset("ckpt", "train.parquet", max_errors=10)   # [] when every row is fine
     result = train(TrainConfig(ckpt="ckpt", data="train.parquet", out="out", stage=1, max_steps=100))
     result.out                                    # a checkpoint dir both backends load directly
-    evaluate("out", "heldout.parquet", EvalConfig(backend="hf"))   # {"n":..,"exact_match":..,"eval_loss":..}
+    evaluate("out", "heldout.parquet", EvalConfig(backend="hf"))   # {"n", "exact_match", "token_f1", "bleu",
+                                                                   #  "rouge1/2/L", "eval_loss", ...}
+    evaluate("out", "heldout.parquet", EvalConfig(ablate=["zero"]))  # + "ablation": score drops per modality
     encode_dataset("ckpt", "raw.parquet", "encoded")   # raw media -> encoder vectors once (resumable shards)
 
 - ``train(config, on_step=None) -> TrainResult``: runs on every process of an
-  ``accelerate launch`` / ``torchrun`` job (gloo on CPU, nccl on GPU), or alone.
+  ``accelerate launch`` / ``torchrun`` job (gloo on CPU, nccl on GPU), or alone; with several
+  processes the model is replicated (``strategy="ddp"``) or sharded (``"fsdp"``), see ``sharding``.
   ``on_step(step, record)`` is called on every process after each optimiser step.
 - Stage 1 trains the projectors with the LM frozen; stage 2 trains projectors +
   LoRA adapters (``lora_r``), or the whole LM (``full=True``). OUT is a complete

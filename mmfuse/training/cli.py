@@ -79,7 +79,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=0.0, help="warm-up: a fraction of the steps if < 1, else steps")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
                    help="lr schedule after warm-up")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 master weights")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 = autocast, fp32 master weights (CPUs without avx512_bf16 run it slowly)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default=None,
+                   help="with several processes: ddp (each holds the model) or fsdp (each holds 1/P of the LM, "
+                        "weights, gradients and optimiser state; for full or LoRA stage 2 of a large LM) "
+                        "(default: fsdp under `accelerate launch` with an FSDP config file, else ddp)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in backward: less memory, more compute")
     p.add_argument("--save-every", type=int, default=0,
                    help="save training state (for --resume) every N steps; 0: never")
     p.add_argument("--keep-states", type=int, default=1, help="training states kept on disk (the newest)")
@@ -121,12 +128,18 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    with _handled("train") as status:
-        from .trainer import train
-        result = train(train_config_from_args(args))
-        if result.main_process:
-            print(f"wrote {result.out} ({result.steps} steps, final loss {result.final_loss:.4f})"
-                  if result.final_loss is not None else f"wrote {result.out}")
+    try:
+        with _handled("train") as status:
+            from .trainer import train
+            result = train(train_config_from_args(args))
+            if result.main_process:
+                print(f"wrote {result.out} ({result.steps} steps, final loss {result.final_loss:.4f})"
+                      if result.final_loss is not None else f"wrote {result.out}")
+    finally:
+        # a launched process ends with this command: close its process group (no-op when there is none);
+        # left open, gloo's threads aborted one process at interpreter exit under `accelerate launch`
+        from accelerate import PartialState
+        PartialState().destroy_process_group()
     return status.code
 
 
@@ -195,6 +208,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=None,
                    help="vLLM backend KV cache size in GiB (default: from free memory on CPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM backend context length (default: the model's)")
+    p.add_argument("--ablate", type=lambda v: [m.strip() for m in v.split(",") if m.strip()], default=None,
+                   metavar="MODE[,MODE...]",
+                   help="also score with each modality's vectors, then all of them, replaced: zero, shuffle (across "
+                        "rows) or noise (matched mean/std); reports each score and its drop (default: no ablation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and noise ablations")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -203,7 +221,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from .evaluation import evaluate, metrics_line
         config = EvalConfig(backend=args.backend, batch_size=args.batch_size, max_tokens=args.max_tokens,
                             limit=args.limit, loss=args.loss, kv_cache_gb=args.kv_cache_gb,
-                            max_model_len=args.max_model_len)
+                            max_model_len=args.max_model_len, ablate=args.ablate, seed=args.seed)
         print(metrics_line(evaluate(args.ckpt, args.data, config)))
     return status.code
 

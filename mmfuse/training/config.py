@@ -10,6 +10,8 @@ from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp")
+ABLATIONS = ("zero", "shuffle", "noise")  # what `mmfuse eval --ablate` puts in place of a modality's vectors  # how several processes hold the model (mmfuse.training.sharding)
 # defaults that work for the stage: projectors learn fast from scratch, a full LM needs care
 DEFAULT_LR = {"projectors": 1e-3, "lora": 2e-4, "full": 2e-5}
 OVERLENGTH = ("refuse", "drop", "truncate")  # what happens to a row longer than max_length (encode.RowEncoder)
@@ -46,6 +48,10 @@ class TrainConfig:
     warmup: float = 0.0  # warm-up: a fraction of all steps when < 1, else a number of steps
     schedule: str = "cosine"  # lr after warm-up: cosine | linear (decay to 0) | constant
     dtype: str = "fp32"  # fp32, or bf16 autocast (weights and optimiser state stay fp32)
+    # several processes: ddp (each holds the model) or fsdp (each holds 1/P of it: full or LoRA stage 2 of an LM
+    # too big for one device); None = what an `accelerate launch --config_file` environment asks, else ddp
+    strategy: str | None = None
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward: less memory, ~1/3 more compute
     save_every: int = 0  # write OUT/train_state every N optimiser steps; 0 = never (no --resume possible)
     keep_states: int = 1  # training states kept on disk (the newest ones)
     resume: bool = False  # continue from the newest state in OUT/train_state
@@ -106,6 +112,13 @@ class TrainConfig:
             raise TrainConfigError("max_steps: required with streaming (a stream's length is unknown)")
         if self.schedule not in SCHEDULES:
             raise TrainConfigError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise TrainConfigError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r} (deepspeed is not "
+                                   f"supported in this version: docs/training.md says why)")
+        if self.eval_exact_match and self.resolved_strategy() == "fsdp":
+            # each process would generate alone, but FSDP gathers every layer from all processes per forward
+            raise TrainConfigError("eval_exact_match: not with strategy fsdp; run `mmfuse eval OUT EVAL_DATA` on "
+                                   "the exported checkpoint (eval loss is computed during the run)")
         if self.dtype not in DTYPES:
             raise TrainConfigError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
         if self.warmup < 0:
@@ -138,6 +151,14 @@ class TrainConfig:
             return "projectors"
         return "full" if self.full else "lora"
 
+    def resolved_strategy(self) -> str:
+        """``strategy``, or the launcher's choice (``accelerate launch`` with an FSDP config file: fsdp), else ddp."""
+        if self.strategy is not None:
+            return self.strategy
+        import os
+
+        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else "ddp"
+
     def warmup_steps(self, total_steps: int) -> int:
         return int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
 
@@ -156,7 +177,7 @@ RESUME_INVARIANTS += ("max_length", "overlength", "loss_on")
 
 @dataclass
 class EvalConfig:
-    """``mmfuse eval CKPT DATA``: greedy exact match (any backend) and eval loss (hf)."""
+    """``mmfuse eval CKPT DATA``: scores of greedy generations (any backend), eval loss (hf), input ablations."""
 
     backend: str = "hf"  # hf | vllm | auto (as MultimodalPipeline)
     batch_size: int = 16  # prompts per generate call
@@ -165,8 +186,16 @@ class EvalConfig:
     loss: bool = True  # eval loss (teacher-forced, response tokens only); hf backend only
     kv_cache_gb: float | None = None  # vLLM backend: KV cache size; None = mmfuse's default for the machine
     max_model_len: int | None = None  # vLLM backend: context length; None = the model's own
+    ablate: list[str] | None = None  # also score with each modality's vectors zeroed / shuffled / noised (ABLATIONS)
+    seed: int = 0  # seeds the shuffle and noise ablations
 
     def __post_init__(self) -> None:
+        if self.ablate is not None:
+            if isinstance(self.ablate, str):
+                self.ablate = [self.ablate]
+            bad = [m for m in self.ablate if m not in ABLATIONS]
+            if bad or not self.ablate:
+                raise TrainConfigError(f"ablate: expected some of {ABLATIONS}, got {self.ablate!r}")
         if self.backend not in ("hf", "vllm", "auto"):
             raise TrainConfigError(f"backend: expected hf, vllm or auto, got {self.backend!r}")
         for key in ("batch_size", "max_tokens", "limit"):

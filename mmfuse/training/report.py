@@ -7,10 +7,11 @@ from pathlib import Path
 from .config import TrainConfig
 
 
-def write_report(out: Path, config: TrainConfig, progress, processes: int, seconds: float,
+def write_report(out: Path, config: TrainConfig, progress, processes: int, seconds: float, strategy: str,
                  data: dict | None = None) -> None:
     """``data``: what the dataset checks found (``plan.DataPlan.summary``: rows kept, dropped)."""
-    metrics = {"config": config.to_dict(), "processes": processes, "steps": progress.step, "data": data,
+    metrics = {"config": config.to_dict(), "processes": processes, "strategy": strategy, "steps": progress.step,
+               "data": data,
                "train_seconds_this_session": round(seconds, 3),
                "final_loss": progress.history[-1]["loss"] if progress.history else None,
                "final_eval": progress.evals[-1] if progress.evals else None,

@@ -43,9 +43,13 @@ def state_dirs(out: Path) -> list[Path]:
     return sorted(root.glob("step_*")) if root.is_dir() else []
 
 
-def save_state(out: Path, progress: Progress, config: TrainConfig, params, optimizer, scheduler, accelerator) -> Path:
-    """Write one state (every process calls this; rank 0 writes the shared parts)."""
+def save_state(out: Path, progress: Progress, config: TrainConfig, parallel, optimizer, scheduler,
+               accelerator) -> Path:
+    """Write one state (every process calls this; rank 0 writes the shared parts). ``parallel``:
+    ``sharding.Parallel``, which gathers FSDP shards into the same whole tensors DDP holds, so the files
+    are the same whatever the strategy (and a state resumes under either)."""
     root = out / STATE_DIR
+    trainable, optimizer_state = parallel.trainable_state(), parallel.optimizer_state(optimizer)
     final, tmp = root / f"step_{progress.step:08d}", root / f".tmp_step_{progress.step:08d}"
     main = accelerator.is_main_process
     if main:
@@ -54,9 +58,8 @@ def save_state(out: Path, progress: Progress, config: TrainConfig, params, optim
     accelerator.wait_for_everyone()
     save_file(_rng_state(), str(tmp / f"rng_rank{accelerator.process_index}.safetensors"))
     if main:
-        save_file({n: p.detach().to("cpu", torch.float32).contiguous() for n, p in params},
-                  str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         _write_json(tmp / "progress.json", {"step": progress.step, "epoch": progress.epoch,
                                             "epoch_step": progress.epoch_step, "history": progress.history,
@@ -72,7 +75,7 @@ def save_state(out: Path, progress: Progress, config: TrainConfig, params, optim
     return final
 
 
-def load_state(out: Path, config: TrainConfig, params, optimizer, scheduler, accelerator) -> Progress:
+def load_state(out: Path, config: TrainConfig, parallel, optimizer, scheduler, accelerator) -> Progress:
     """Restore the newest state in ``out``; the run's invariants must match the saved ones."""
     dirs = state_dirs(out)
     if not dirs:
@@ -87,13 +90,12 @@ def load_state(out: Path, config: TrainConfig, params, optimizer, scheduler, acc
         detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
         raise TrainConfigError(f"resume: {state} was made with different settings ({detail})")
     tensors = load_file(str(state / "trainable.safetensors"))
-    missing = sorted({n for n, _ in params} - set(tensors))
+    missing = sorted({n for n, _ in parallel.params} - set(tensors))
     if missing:
         raise TrainConfigError(f"resume: {state} lacks trained parameters {missing[:5]}")
-    with torch.no_grad():
-        for n, p in params:
-            p.copy_(tensors[n])
-    optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location="cpu", weights_only=True))
+    parallel.load_trainable(tensors)
+    parallel.load_optimizer_state(optimizer, torch.load(state / "optimizer.pt", map_location="cpu",
+                                                        weights_only=True))
     scheduler.load_state_dict(json.loads((state / "scheduler.json").read_text()))
     _set_rng_state(load_file(str(state / f"rng_rank{accelerator.process_index}.safetensors")))
     return Progress(step=saved["step"], epoch=saved["epoch"], epoch_step=saved["epoch_step"],

@@ -1,16 +1,12 @@
 """The training loop: stage setup, data-parallel steps, eval, saving, export.
 
 Runs unchanged alone or on every process of ``accelerate launch`` / ``torchrun``
-(gloo on CPU, nccl on GPU). Gradients are synchronised by hand, once per
-optimiser step, rather than by wrapping the model in DDP, because
-
-- the loss is the mean over the response tokens of the *global* batch (all
-  processes and accumulation steps): each process back-propagates its token-loss
-  sum divided by the global token count, and the gradients are summed, so P
-  processes x batch b give exactly the update of one process with batch P*b;
-- projectors of a modality absent from one process's rows get no gradient there,
-  and the last step of an epoch may leave a process with no rows at all; DDP
-  would hang or need ``find_unused_parameters``, a summed all-reduce does not care.
+(gloo on CPU, nccl on GPU). With several processes the model is replicated
+(``strategy="ddp"``: torch DDP through accelerate) or sharded (``"fsdp"``: torch
+FSDP2); ``mmfuse.training.sharding`` wraps it and explains how the library's
+gradient synchronisation keeps the exact token-weighted loss: the mean over the
+response tokens of the *global* batch (all processes and accumulation steps), so
+P processes x batch b give the update of one process with batch P*b.
 """
 from __future__ import annotations
 
@@ -21,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..checkpoint import resolve
 from ..backends.hf import load
@@ -31,13 +26,11 @@ from .config import TrainConfig, TrainConfigError
 from .data import column_names, open_dataset
 from .plan import plan_dataset
 from .encode import DataError, Example, RowEncoder
-from .evaluation import exact_match_hits, loss_totals, token_loss_sum
+from .evaluation import exact_match_hits, loss_totals
+from .sharding import Parallel
 from .report import write_report
 from .stages import STATE_DIR, export_checkpoint, setup_trainable
 from .state import Progress, load_state, save_state, state_dirs
-
-GRAD_BUCKET = 1 << 24  # elements per all-reduce call
-
 
 @dataclass
 class TrainResult:
@@ -49,62 +42,25 @@ class TrainResult:
     main_process: bool  # False on the other processes of a distributed run (they wrote nothing)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _sum(acc, value: float | int) -> float:
+    return float(acc.reduce(torch.tensor(float(value), dtype=torch.float64, device=acc.device), "sum"))
 
 
-def _sum(value: float | int, device) -> float:
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
-    if _distributed():
-        dist.all_reduce(t)
-    return float(t)
-
-
-def _max(value: float | int, device) -> float:
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
-    if _distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+def _max(acc, value: float | int) -> float:
+    return float(acc.reduce(torch.tensor(float(value), dtype=torch.float64, device=acc.device), "max"))
 
 
 def _raise_if_any(error: DataError | None) -> None:
     """A bad row on one process stops every process, all with the row's message."""
-    if not _distributed():
-        if error:
-            raise error
-        return
-    messages: list = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, str(error) if error else None)
-    first = next((m for m in messages if m), None)
+    from accelerate.utils import gather_object
+
+    first = next((m for m in gather_object([str(error) if error else None]) if m), None)
     if first:
         raise DataError(first)
 
 
 def _encode(encoder: RowEncoder, rows) -> list[Example]:
     return [encoder.encode(row, index) for index, row in rows]
-
-
-def _all_reduce_grads(params) -> None:
-    """Sum gradients over processes; a parameter without a gradient contributes zeros (same on every process)."""
-    grads = []
-    for _, p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    if not _distributed():
-        return
-    bucket: list[torch.Tensor] = []
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-        if bucket and (g is None or sum(x.numel() for x in bucket) >= GRAD_BUCKET):
-            flat = torch.cat([x.reshape(-1) for x in bucket])
-            dist.all_reduce(flat)
-            offset = 0
-            for x in bucket:
-                x.copy_(flat[offset:offset + x.numel()].view_as(x))
-                offset += x.numel()
-            bucket = []
 
 
 class _Run:
@@ -122,14 +78,28 @@ class _Run:
                     f"that run" if state_dirs(self.out) else "")
             self.stale = claim_output_dir(self.out, config.overwrite, error=TrainConfigError, label="out: ",
                                           hint=hint)
+        device = accelerator.device
+        if config.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TrainConfigError(f"dtype: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp32")
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every process
-        self.model = load(self.ckpt, device=accelerator.device)
-        self.params, self.peft_model = setup_trainable(self.model, config)
+        self.strategy = config.resolved_strategy()
+        sharded = self.strategy == "fsdp" and accelerator.num_processes > 1
+        # FSDP moves each process's shards to its device itself: the whole model never sits on one device
+        self.model = load(self.ckpt, device="cpu" if sharded else accelerator.device)
+        _, self.peft_model = setup_trainable(self.model, config)
+        if config.gradient_checkpointing:
+            # recompute each decoder layer in backward instead of keeping its activations; non-reentrant
+            # checkpointing needs no input that requires grad (stage 1 / LoRA freeze the embeddings)
+            self.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.parallel = Parallel(self.model, self.strategy, accelerator, self.autocast)
+        self.params = self.parallel.params
         self.encoder = RowEncoder.from_model(self.model)
         self.ds = open_dataset(config.data, streaming=config.streaming)
         self.encoder.check_columns(column_names(self.ds))
         if not config.streaming and len(self.ds) == 0:
             raise DataError(f"{config.data}: the dataset has no rows")
+        # what a process without rows runs so that every process makes the same collectives (sharding.py)
+        self.filler = self._filler() if self.parallel.distributed else None
         self.eval_examples = self._eval_examples() if config.eval_data else None
         processes = accelerator.num_processes
         # the training rows' layout (max_length, overlength, loss_on, packing); eval rows, encoded above, are
@@ -161,6 +131,16 @@ class _Run:
     def autocast(self):
         """bf16 autocast for forward passes when asked; weights and optimiser state stay fp32."""
         return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bf16")
+
+    def _filler(self):
+        row = self.ds[0] if not self.config.streaming else next(iter(self.ds))
+        error, batch = None, None
+        try:
+            batch = self.encoder.collate([self.encoder.encode(row, 0)])
+        except DataError as e:
+            error = e
+        _raise_if_any(error)
+        return batch
 
     def _eval_examples(self) -> list[Example]:
         """This process's share of the held-out rows (every P-th row), encoded once."""
@@ -198,36 +178,78 @@ class _Run:
         except DataError as e:
             error = e
         _raise_if_any(error)
-        batches = [self.encoder.collate(ex) for ex in examples if ex]
-        device = self.acc.device
-        tokens = _sum(sum(b.num_targets for b in batches), device)
+        batches = [self.encoder.collate(ex) if ex else None for ex in examples]
+        par, acc = self.parallel, self.acc
+        tokens = _sum(acc, sum(b.num_targets for b in batches if b is not None))
+        if not par.distributed:  # alone, an empty micro-step has nothing to synchronise
+            batches = [b for b in batches if b is not None]
         loss_sum = 0.0
-        for batch in batches:
-            loss = token_loss_sum(self.model, batch, self.autocast)
-            self.acc.backward(loss / tokens)  # global-token mean after the gradient sum
-            loss_sum += float(loss.detach())
-        _all_reduce_grads(self.params)
+        for i, batch in enumerate(batches):
+            with par.sync(last=i == len(batches) - 1):
+                if batch is None:  # the same collectives as the other processes, no gradient
+                    acc.backward(par.module(self.filler) * 0.0)
+                    continue
+                loss = par.module(batch)
+                acc.backward(loss * par.loss_scale / tokens)  # the global-token mean after DDP/FSDP averaging
+                loss_sum += float(loss.detach())
         if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.config.max_grad_norm)
+            par.clip_grad_norm(self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return _sum(loss_sum, device) / tokens, int(tokens), int(_sum(sum(len(e) for e in examples), device))
+        return _sum(acc, loss_sum) / tokens, int(tokens), int(_sum(acc, sum(len(e) for e in examples)))
 
     def evaluate(self, step: int) -> dict:
-        config, device = self.config, self.acc.device
+        config, acc = self.config, self.acc
         self.model.eval()
-        total, tokens = loss_totals(self.model, self.encoder, self.eval_examples, config.eval_batch_size,
-                                    self.autocast)
-        record = {"step": step, "eval_loss": _sum(total, device) / _sum(tokens, device),
-                  "n": int(_sum(len(self.eval_examples), device))}
-        if config.eval_exact_match:
+        if self.parallel.sharded:
+            total, tokens = self._sharded_loss_totals()
+        else:
+            total, tokens = loss_totals(self.model, self.encoder, self.eval_examples, config.eval_batch_size,
+                                        self.autocast)
+        record = {"step": step, "eval_loss": _sum(acc, total) / _sum(acc, tokens),
+                  "n": int(_sum(acc, len(self.eval_examples)))}
+        if config.eval_exact_match:  # not with fsdp (TrainConfig): each process generates alone
             longest = max((len(e.input_ids) - e.prompt_len for e in self.eval_examples), default=0)  # response + EOS
-            max_tokens = config.eval_max_tokens or int(_max(longest, device)) + 1
+            max_tokens = config.eval_max_tokens or int(_max(acc, longest)) + 1
             hits = exact_match_hits(self.model, self.eval_examples, max_tokens, config.eval_batch_size)
-            record["exact_match"] = _sum(hits, device) / record["n"]
+            record["exact_match"] = _sum(acc, hits) / record["n"]
         self.model.train()
         return record
+
+    @torch.no_grad()
+    def _sharded_loss_totals(self) -> tuple[float, int]:
+        """Eval loss through the FSDP module: every process runs as many batches as the busiest one."""
+        size, examples = self.config.eval_batch_size, self.eval_examples
+        batches = [self.encoder.collate(examples[i:i + size]) for i in range(0, len(examples), size)]
+        total, tokens = 0.0, 0
+        for i in range(int(_max(self.acc, len(batches)))):
+            if i < len(batches):
+                total += float(self.parallel.module(batches[i]))
+                tokens += batches[i].num_targets
+            else:
+                self.parallel.module(self.filler)
+        return total, tokens
+
+    def export(self) -> None:
+        """Write OUT as a plain checkpoint (main process); with FSDP every process first gathers the shards."""
+        config = self.config
+        if self.parallel.sharded:
+            # a fresh model of the same structure (LoRA layers included) on the main process takes the weights
+            model, peft_model = None, None
+            if self.acc.is_main_process:
+                model = load(self.ckpt)
+                _, peft_model = setup_trainable(model, config)
+            self.parallel.copy_into(model)
+            if model is None:
+                return
+        else:
+            if not self.acc.is_main_process:
+                return
+            model, peft_model = self.model, self.peft_model
+            if config.gradient_checkpointing:
+                model.lm.gradient_checkpointing_disable()
+        export_checkpoint(model, peft_model, config, self.ckpt, self.out)
 
 
 def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
@@ -248,7 +270,7 @@ def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = Non
     run = _Run(config, acc)
     progress = Progress()
     if config.resume:
-        progress = load_state(run.out, config, run.params, run.optimizer, run.scheduler, acc)
+        progress = load_state(run.out, config, run.parallel, run.optimizer, run.scheduler, acc)
     run.model.train()
     started = time.time()
     bar = tqdm(total=run.total, initial=progress.step, disable=not acc.is_main_process, desc=f"stage {config.stage}")
@@ -268,15 +290,16 @@ def train(config: TrainConfig, on_step: Callable[[int, dict], None] | None = Non
         if run.eval_examples is not None and config.eval_every and progress.step % config.eval_every == 0:
             progress.evals.append(run.evaluate(progress.step))
         if config.save_every and progress.step % config.save_every == 0:
-            save_state(run.out, progress, config, run.params, run.optimizer, run.scheduler, acc)
+            save_state(run.out, progress, config, run.parallel, run.optimizer, run.scheduler, acc)
         if on_step is not None:
             on_step(progress.step, record)
     bar.close()
     if run.eval_examples is not None and (not progress.evals or progress.evals[-1]["step"] != progress.step):
         progress.evals.append(run.evaluate(progress.step))
+    run.export()
     if acc.is_main_process:
-        export_checkpoint(run.model, run.peft_model, config, run.ckpt, run.out)
-        write_report(run.out, config, progress, acc.num_processes, time.time() - started, run.plan.summary())
+        write_report(run.out, config, progress, acc.num_processes, time.time() - started, run.strategy,
+                     run.plan.summary())
     acc.wait_for_everyone()
     return TrainResult(out=run.out, steps=progress.step,
                        final_loss=progress.history[-1]["loss"] if progress.history else None,
