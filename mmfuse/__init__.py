@@ -11,6 +11,7 @@ from .inputs import InputError  # noqa: E402
 from .sampling import Completion, SamplingConfig  # noqa: E402
 
 logs.follow_vllm_level()  # see its docstring: vLLM's engine processes import mmfuse before vLLM
+logs.quiet_import_chatter()
 __version__ = "0.1.0"
 __all__ = ["init_checkpoint", "load", "ConfigError", "InputError", "MMFuseConfig", "ModalitySpec",
            "SamplingConfig", "Completion", "MultimodalPipeline", "MultimodalQwen3Pipeline"]

@@ -113,6 +113,7 @@ def configure(level: str | None = None) -> None:
     if not loud:
         for category in (UserWarning, FutureWarning, DeprecationWarning):
             warnings.filterwarnings("ignore", category=category, module=QUIET_LIBRARIES)
+    quiet_import_chatter()
 
 
 _OURS: dict[str, str] = {}  # environment variables configure() set, with the value it set
@@ -156,6 +157,26 @@ def follow_vllm_level() -> None:
     value = os.environ.get("VLLM_LOGGING_LEVEL", "").upper()
     if value in LEVELS:
         logging.getLogger("vllm").setLevel(value)
+
+
+# loggers whose import-time warnings say nothing to an mmfuse user: torchao (the optional quantize-on-load
+# backend, which transformers imports whenever it is installed) notes that its CUDA-only extensions do not load
+# on a CPU build, and torch's pytree deprecates how torchao registers an enum
+IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_chatter() -> None:
+    """Errors only from ``IMPORT_CHATTER`` loggers while quiet (unless their level was set by someone else);
+    ``configure`` with INFO/DEBUG gives them back. Runs when mmfuse is imported, as ``follow_vllm_level``."""
+    for name in IMPORT_CHATTER:
+        logger = logging.getLogger(name)
+        if verbose():
+            if getattr(logger, "_mmfuse_quiet", False):
+                logger.setLevel(logging.NOTSET)
+                logger._mmfuse_quiet = False
+        elif logger.level == logging.NOTSET:
+            logger.setLevel(logging.ERROR)
+            logger._mmfuse_quiet = True
 
 
 def level() -> str | None:

@@ -177,15 +177,14 @@ def _plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [r["variant"] for r in rows]
-    ax.bar(labels, [r["bound_tok_s"] for r in rows], color="lightgray", label="read-bandwidth bound")
-    ax.bar(labels, [r["decode_tok_s"] for r in rows], color="tab:blue", label="measured")
-    for i, r in enumerate(rows):
-        ax.text(i, r["decode_tok_s"], f"{r['fraction_of_bound']:.2f}", ha="center", va="bottom")
-    ax.set_ylabel("batch-1 decode tok/s")
-    ax.set_title("vLLM decode vs its read-bandwidth bound (fraction above the bar)")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.2))
+    labels = [r["variant"] for r in rows][::-1]  # first row on top
+    ax.barh(labels, [r["bound_tok_s"] for r in rows][::-1], color="lightgray", label="read-bandwidth bound")
+    ax.barh(labels, [r["decode_tok_s"] for r in rows][::-1], color="tab:blue", label="measured")
+    for i, r in enumerate(rows[::-1]):
+        ax.text(r["decode_tok_s"], i, f" {r['decode_tok_s']:.0f} tok/s ({r['fraction_of_bound']:.2f})", va="center")
+    ax.set_xlabel("batch-1 decode tok/s (fraction of the bound)")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
