@@ -14,10 +14,11 @@ the same OUT directory (one machine, or a shared filesystem).
 """
 from __future__ import annotations
 
+
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -82,8 +83,10 @@ def load_state(out: Path, config: TrainConfig, parallel, optimizer, scheduler, a
         raise TrainConfigError(f"resume: no training state in {out / STATE_DIR} (was save_every set?)")
     state = dirs[-1]
     saved = json.loads((state / "progress.json").read_text())
-    changed = {k: (saved["config"].get(k), getattr(config, k)) for k in RESUME_INVARIANTS
-               if saved["config"].get(k) != getattr(config, k)}
+    # a state saved before a setting existed was made with that setting's default
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    was = {k: saved["config"].get(k, defaults.get(k)) for k in RESUME_INVARIANTS}
+    changed = {k: (was[k], getattr(config, k)) for k in RESUME_INVARIANTS if was[k] != getattr(config, k)}
     if saved["world_size"] != accelerator.num_processes:
         changed["processes"] = (saved["world_size"], accelerator.num_processes)
     if changed:
