@@ -25,15 +25,13 @@ Writes JSON and a PNG; ``--quick`` is a smoke run (1-2 layers, few requests).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .device import add_device_arg, check_device
+from .device import add_device_arg
 from .machine import loadavg_text
 from .workload import base_dir, build_checkpoint, long_text, make_items, make_prompts
 
@@ -233,35 +231,23 @@ def plot(r: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     """Run both sides (each in its own process), compare, print a table, write JSON and a plot."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_args(argv)
-    cfg.dtype = check_device(cfg.device)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cfg.worker:
-        result = worker(cfg)
-        cfg.worker_out.write_text(json.dumps(result))
-        return result
-    from .sides import run_worker
+    from .sides import bench_finish, bench_start, run_worker
 
+    cfg = bench_start(argv, parse_args, worker)
+    if cfg is None:  # this process was one side's worker
+        return None
     print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers); {loadavg_text()}", flush=True)
     build_checkpoint(cfg.workdir, cfg.layers)
-    result = {"command": "mmfuse bench peer " + " ".join(argv), "config": {k: str(v) if isinstance(v, Path) else v
-                                                                           for k, v in vars(cfg).items()},
+    result = {"command": "mmfuse bench peer " + " ".join(cfg.argv),
+              "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
               "loadavg": {"before": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         for side in ("mmfuse", "prompt_embeds"):
-            result[side] = run_worker("mmfuse.bench.peer", side, argv, Path(tmp) / f"{side}.json")
-    result["loadavg"]["after"] = os.getloadavg()
+            result[side] = run_worker("mmfuse.bench.peer", side, cfg.argv, Path(tmp) / f"{side}.json")
     result["summary"] = summarize(result["mmfuse"], result["prompt_embeds"])
-    cfg.json.parent.mkdir(parents=True, exist_ok=True)
-    cfg.json.write_text(json.dumps(result, indent=1))
-    plot(result, cfg.plot)
-    print(table(result), flush=True)
-    print(f"-> {cfg.json}, {cfg.plot}", flush=True)
-    return result
+    return bench_finish(result, cfg, plot, table)
 
 
 if __name__ == "__main__":

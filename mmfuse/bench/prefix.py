@@ -16,14 +16,12 @@ Writes JSON and a PNG; ``--quick`` is a smoke run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-from .device import add_device_arg, check_device
+from .device import add_device_arg
 from .machine import loadavg_text
 from .workload import WORDS, base_dir, build_checkpoint, long_text, make_items
 
@@ -136,34 +134,22 @@ def plot(r: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     """Run each side in its own process; print the table, write JSON and a plot."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_args(argv)
-    cfg.dtype = check_device(cfg.device)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cfg.worker:
-        result = worker(cfg)
-        cfg.worker_out.write_text(json.dumps(result))
-        return result
-    from .sides import run_worker
+    from .sides import bench_finish, bench_start, run_worker
 
+    cfg = bench_start(argv, parse_args, worker)
+    if cfg is None:  # this process was one side's worker
+        return None
     print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers); {loadavg_text()}", flush=True)
     build_checkpoint(cfg.workdir, cfg.layers)
     sides = cfg.sides.split(",")
-    result = {"command": "mmfuse bench prefix " + " ".join(argv), "sides": sides, "target": TARGET,
+    result = {"command": "mmfuse bench prefix " + " ".join(cfg.argv), "sides": sides, "target": TARGET,
               "loadavg": {"before": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         for side in sides:
-            result[side] = run_worker("mmfuse.bench.prefix", side, argv, Path(tmp) / f"{side}.json")
-    result["loadavg"]["after"] = os.getloadavg()
-    cfg.json.parent.mkdir(parents=True, exist_ok=True)
-    cfg.json.write_text(json.dumps(result, indent=1))
-    plot(result, cfg.plot)
-    print(table(result), flush=True)
-    print(f"-> {cfg.json}, {cfg.plot}", flush=True)
-    return result
+            result[side] = run_worker("mmfuse.bench.prefix", side, cfg.argv, Path(tmp) / f"{side}.json")
+    return bench_finish(result, cfg, plot, table)
 
 
 if __name__ == "__main__":

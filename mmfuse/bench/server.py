@@ -20,14 +20,13 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .device import add_device_arg, check_device
+from .device import add_device_arg
 from .machine import loadavg_text
 from .workload import build_checkpoint, make_prompts
 
@@ -250,37 +249,25 @@ def plot(r: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     """Wire micro-benchmark, offline vs server, scaling over clients; print tables, write JSON and a plot."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_args(argv)
-    cfg.dtype = check_device(cfg.device)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cfg.worker:
-        result = offline_worker(cfg)
-        cfg.worker_out.write_text(json.dumps(result))
-        return result
-    from .sides import run_worker
+    from .sides import bench_finish, bench_start, run_worker
 
+    cfg = bench_start(argv, parse_args, offline_worker)
+    if cfg is None:  # this process was the offline side's worker
+        return None
     print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers); {loadavg_text()}", flush=True)
     ckpt = build_checkpoint(cfg.workdir, cfg.layers)
-    result = {"command": "mmfuse bench server " + " ".join(argv), "targets": TARGETS, "offline_core": cfg.offline_core,
-              "loadavg": {"before": os.getloadavg()}, "wire": wire(cfg.wire_runs)}
+    result = {"command": "mmfuse bench server " + " ".join(cfg.argv), "targets": TARGETS,
+              "offline_core": cfg.offline_core, "loadavg": {"before": os.getloadavg()}, "wire": wire(cfg.wire_runs)}
     with tempfile.TemporaryDirectory() as tmp:
-        result["offline"] = run_worker("mmfuse.bench.server", "offline", argv, Path(tmp) / "offline.json")
+        result["offline"] = run_worker("mmfuse.bench.server", "offline", cfg.argv, Path(tmp) / "offline.json")
         print(f"  server ({loadavg_text()}):", flush=True)
         result["server"] = run_server(cfg, ckpt, result["offline"]["texts"], Path(tmp) / "server.log")
-    result["loadavg"]["after"] = os.getloadavg()
     o, s = result["offline"], result["server"]["at_once"]
     result["summary"] = dict(throughput_ratio=s["out_tok_s"] / o["out_tok_s"], p50_overhead=s["p50_ms"] / o["p50_ms"] - 1,
                              p99_overhead=s["p99_ms"] / o["p99_ms"] - 1)
-    cfg.json.parent.mkdir(parents=True, exist_ok=True)
-    cfg.json.write_text(json.dumps(result, indent=1))
-    plot(result, cfg.plot)
-    print(table(result), flush=True)
-    print(f"-> {cfg.json}, {cfg.plot}", flush=True)
-    return result
+    return bench_finish(result, cfg, plot, table)
 
 
 if __name__ == "__main__":

@@ -176,3 +176,31 @@ def run_worker(module: str, side: str, argv: list[str], out: Path) -> dict:
     print(f"  {side}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
+
+
+def bench_start(argv: list[str] | None, parse_args, worker):
+    """The common start of ``peer``, ``prefix`` and ``server``: parse, check the device, then either run as a
+    side's worker process (its result written to ``--worker-out``; returns None) or return the parent's config."""
+    from .device import check_device
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_args(argv)
+    cfg.argv = argv
+    cfg.dtype = check_device(cfg.device)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.worker:
+        cfg.worker_out.write_text(json.dumps(worker(cfg)))
+        return None
+    return cfg
+
+
+def bench_finish(result: dict, cfg, plot, table) -> dict:
+    """The common end: the load average after, JSON, plot and table."""
+    result["loadavg"]["after"] = os.getloadavg()
+    cfg.json.parent.mkdir(parents=True, exist_ok=True)
+    cfg.json.write_text(json.dumps(result, indent=1))
+    plot(result, cfg.plot)
+    print(table(result), flush=True)
+    print(f"-> {cfg.json}, {cfg.plot}", flush=True)
+    return result
