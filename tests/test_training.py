@@ -407,3 +407,24 @@ def test_stage2_save_adapter_over_the_input_equals_the_merged_export(qwen3_ckpt,
 def test_save_adapter_options_are_checked(qwen3_ckpt, mixed_data, tmp_path, kw, message):
     with pytest.raises(TrainConfigError, match=message):
         cfg(qwen3_ckpt, mixed_data, tmp_path / "o", **kw)
+
+
+@pytest.mark.vllm
+def test_cli_train_leaves_the_process_group_of_a_vllm_engine_alone(qwen3_vllm_pipeline, qwen3_ckpt, color_data,
+                                                                   tmp_path):
+    """`mmfuse train` run in a process whose vLLM engine made torch.distributed's group closes only a group it
+    made itself: the engine still generates, and can shut down, afterwards."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from mmfuse.training.cli import add_train_args, run_train
+    assert dist.is_initialized()  # the session's in-process vLLM engine core made it
+    before = qwen3_vllm_pipeline.generate({"text": "the quick brown fox"}, max_tokens=4)
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    args = p.parse_args([str(qwen3_ckpt), str(color_data[0]), "--out", str(tmp_path / "out"), "--stage", "1",
+                         "--max-steps", "1"])
+    assert run_train(args) == 0
+    assert dist.is_initialized()
+    assert qwen3_vllm_pipeline.generate({"text": "the quick brown fox"}, max_tokens=4) == before

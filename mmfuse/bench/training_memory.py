@@ -6,8 +6,9 @@ modality ``x`` of ``--input-dim`` vectors; each training row carries one item of
 grow with batch x layers x length (attention probabilities with length squared), the weights do
 not. The same ``mmfuse train`` command (stage 2 LoRA by default, ``--full`` for every LM weight)
 runs ``--steps`` steps in a fresh process per setting; the number is that process's peak resident
-memory (``ru_maxrss`` from ``wait4``), which includes the interpreter, torch and the model, the same
-in both settings. The losses of the two runs are printed too: checkpointing recomputes, it changes
+memory (``VmHWM`` of ``/proc/PID/status``, read every 20 ms until it exits), which includes the
+interpreter, torch and the model, the same in both settings. Not ``ru_maxrss``: Linux carries the
+parent's resident size at fork into the child's, so a large parent (a test run) would hide the child's. The losses of the two runs are printed too: checkpointing recomputes, it changes
 no number.
 
     mmfuse bench training-memory --layers 8 --hidden 256 --rows 1000 --batch-size 4 --out mem.json
@@ -20,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -42,6 +44,15 @@ def _setup(root: Path, args) -> tuple[Path, Path]:
     return Path(ckpt), root / "data.parquet"
 
 
+def _vm_hwm_kib(pid: int) -> int:
+    """A live process's peak resident memory in KiB (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def _run(ckpt: Path, data: Path, out: Path, checkpointing: bool, args) -> dict:
     cmd = [sys.executable, "-m", "mmfuse.training", "train", str(ckpt), str(data), "--out", str(out), "--stage", "2",
            "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--no-shuffle", "--dtype", args.dtype,
@@ -49,11 +60,14 @@ def _run(ckpt: Path, data: Path, out: Path, checkpointing: bool, args) -> dict:
     log = out.with_suffix(".log")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ | {"TQDM_DISABLE": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN would mix runs)
-    if os.waitstatus_to_exitcode(status) != 0:
+        peak_kib = 0
+        while proc.poll() is None:  # the high-water mark only grows: a read misses at most the last 20 ms
+            peak_kib = max(peak_kib, _vm_hwm_kib(proc.pid))
+            time.sleep(0.02)
+    if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"gradient_checkpointing": checkpointing, "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # KiB
+    return {"gradient_checkpointing": checkpointing, "peak_rss_mib": round(peak_kib / 1024, 1),
             "seconds_per_step": round(metrics["train_seconds_this_session"] / metrics["steps"], 2),
             "losses": [r["loss"] for r in metrics["history"]]}
 

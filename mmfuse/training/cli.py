@@ -128,6 +128,9 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+    # a process group that was there before (a vLLM engine in this process made one) is not ours to close
+    had_group = dist.is_available() and dist.is_initialized()
     try:
         with _handled("train") as status:
             from .trainer import train
@@ -138,8 +141,9 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         # a launched process ends with this command: close its process group (no-op when there is none);
         # left open, gloo's threads aborted one process at interpreter exit under `accelerate launch`
-        from accelerate import PartialState
-        PartialState().destroy_process_group()
+        if not had_group:
+            from accelerate import PartialState
+            PartialState().destroy_process_group()
     return status.code
 
 
