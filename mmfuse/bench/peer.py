@@ -71,15 +71,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- one side, in its own process ---------------------------------------------------------------------------
 
 def cache_behaviour(side, cfg) -> dict:
-    """A document then items: cold, same vectors again, different vectors; outputs checked against cold runs."""
+    """Items then a document: cold, same vectors again, different vectors; outputs checked against cold runs.
+
+    The items come first so that every cached block after them depends on them: with different vectors a
+    correct cache reuses nothing, a cache keyed by token ids alone would reuse the document and answer wrongly."""
     from vllm import SamplingParams
 
     from ..inputs import prepare
     from .sides import time_requests
 
     specs = side.checkpoint.specs
-    text = (f"{long_text(cfg.doc_words, seed=3)} compare {specs['vision'].placeholder} "
-            f"with {specs['audio'].placeholder} now")
+    text = (f"compare {specs['vision'].placeholder} with {specs['audio'].placeholder} given "
+            f"{long_text(cfg.doc_words, seed=3)}")
     a = side.checkpoint.encode(prepare(text, make_items(specs, 41), specs))
     b = side.checkpoint.encode(prepare(text, make_items(specs, 42), specs))
     timing = SamplingParams(max_tokens=1, temperature=0)
