@@ -87,3 +87,23 @@ def test_device_cuda_without_a_gpu_stops_with_the_reason():
     assert check_device("cpu") == "float32"
     with pytest.raises(SystemExit, match="no CUDA GPU is visible"):
         check_device("cuda")
+
+
+def test_measured_clock_is_a_plausible_all_core_clock_and_names_its_source():
+    # The chain must not be folded away by the compiler (that would read as a 100x clock) nor be
+    # mistimed: every CPU this runs on clocks between 0.5 and 7 GHz.
+    from mmfuse.bench import clock
+    from mmfuse.bench.machine import this_cpu_peak
+
+    mhz = clock.measured_mhz(cores=1, trips=200_000, repeats=2)
+    if mhz is None:
+        pytest.skip("no C compiler: the peak falls back to cpuinfo's clock")
+    assert 500 < mhz < 7000
+    assert this_cpu_peak().clock_source.startswith("measured")
+
+
+def test_a_given_clock_replaces_cpuinfos_and_is_named():
+    zen4 = cpuinfo("AuthenticAMD", 25, "avx avx2 fma avx512f", 2596.1, [(0, 0), (0, 1)])
+    assert cpu_peak(zen4).clock_source == "cpuinfo 'cpu MHz'"
+    peak = cpu_peak(zen4, max_mhz=3650.0, clock_source="measured")
+    assert (peak.gflops, peak.clock_source) == (pytest.approx(2 * 3.65 * 32), "measured")

@@ -9,7 +9,8 @@
 - read bandwidth GB/s: ``src.sum()`` over the same 512 MiB (a decode step only reads weights,
   so this is the bound used for batch-1 decode).
 - the CPU's theoretical fp32 peak: physical cores x clock x FLOPs per cycle of its vector units
-  (``cpu_peak``), given beside the measured bound as a sanity check on it.
+  (``cpu_peak``), given beside the measured bound as a sanity check on it. The clock is measured
+  (``clock.measured_mhz``): cpuinfo's figure is the base clock in most VMs, below what the cores run at.
 
 ``Bounds`` samples the limits several times in one run (before and after each section) and keeps
 the maximum of each: a busy moment can only make a measurement lower, never higher. A figure
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .clock import measured_mhz
 
 
 @dataclass
@@ -130,6 +133,7 @@ class CpuPeak:
     ghz: float
     flops_per_cycle: int
     isa: str
+    clock_source: str = "cpuinfo 'cpu MHz'"
 
     @property
     def gflops(self) -> float:
@@ -158,13 +162,14 @@ def flops_per_cycle(flags: set[str], vendor: str, family: int) -> tuple[int, str
     return 4 * 2, "sse, 128-bit add + mul"
 
 
-def cpu_peak(cpuinfo: str, max_mhz: float | None = None, cores: int | None = None) -> CpuPeak:
+def cpu_peak(cpuinfo: str, max_mhz: float | None = None, cores: int | None = None,
+             clock_source: str = "cpufreq max") -> CpuPeak:
     """The theoretical fp32 peak from a ``/proc/cpuinfo`` text.
 
     Cores: distinct (physical id, core id) pairs (hyperthreads share their core's FMA units), else the
-    processor count. Clock: ``max_mhz`` (cpufreq's maximum, when the kernel exposes it), else the highest
-    ``cpu MHz`` listed: in a VM that is often the base clock, so boost can exceed this peak; the text
-    beside the table says so.
+    processor count. Clock: ``max_mhz`` (measured, or cpufreq's maximum; ``clock_source`` says which),
+    else the highest ``cpu MHz`` listed: in a VM that is often the base clock, so the cores can run faster
+    than this peak assumes.
     """
     blocks = [b for b in cpuinfo.strip().split("\n\n") if b.strip()]
     fields = [dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in b.splitlines())) for b in blocks]
@@ -178,26 +183,33 @@ def cpu_peak(cpuinfo: str, max_mhz: float | None = None, cores: int | None = Non
     mhz = max_mhz or max((float(f["cpu MHz"]) for f in fields if re.fullmatch(r"[\d.]+", f.get("cpu MHz", "x"))),
                          default=0.0)
     per_cycle, isa = flops_per_cycle(flags, vendor, family)
-    return CpuPeak(cores=cores, ghz=mhz / 1000, flops_per_cycle=per_cycle, isa=isa)
+    return CpuPeak(cores=cores, ghz=mhz / 1000, flops_per_cycle=per_cycle, isa=isa,
+                   clock_source=clock_source if max_mhz else "cpuinfo 'cpu MHz'")
 
 
 def this_cpu_peak() -> CpuPeak | None:
-    """``cpu_peak`` of this machine (None where /proc/cpuinfo is missing), cores limited to those usable here."""
+    """``cpu_peak`` of this machine (None where /proc/cpuinfo is missing), cores limited to those usable here.
+
+    Clock, first found: measured with every usable core busy (``clock.measured_mhz``), cpufreq's maximum,
+    cpuinfo's ``cpu MHz``.
+    """
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
         return None
-    max_mhz = None
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
-            max_mhz = int(f.read()) / 1000  # kHz
-    except (OSError, ValueError):
-        pass
-    peak = cpu_peak(text, max_mhz)
+    peak = cpu_peak(text)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else peak.cores
-    peak.cores = min(peak.cores, usable)
-    return peak
+    cores = min(peak.cores, usable)
+    mhz, source = measured_mhz(cores), "measured: dependent-add chain on every core at once"
+    if mhz is None:
+        source = "cpufreq max"
+        try:
+            with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+                mhz = int(f.read()) / 1000  # kHz
+        except (OSError, ValueError):
+            pass
+    return cpu_peak(text, mhz, cores, source)
 
 
 # -- bounds over a whole run ------------------------------------------------------------------------------------
@@ -253,7 +265,8 @@ class Bounds:
                f"({kernels}), copy {best.copy_gbps:.1f} GB/s, read {best.read_gbps:.1f} GB/s")
         if self.peak:
             out += (f"; theoretical fp32 peak {self.peak.gflops:.1f} GFLOP/s ({self.peak.cores} cores x "
-                    f"{self.peak.ghz:.2f} GHz x {self.peak.flops_per_cycle} FLOP/cycle, {self.peak.isa})")
+                    f"{self.peak.ghz:.2f} GHz ({self.peak.clock_source}) x {self.peak.flops_per_cycle} FLOP/cycle, "
+                    f"{self.peak.isa})")
         return out + "."
 
 

@@ -21,7 +21,8 @@ def bounds_text(r: dict) -> str:
             f"{m['gemm_gflops']:.1f} GFLOP/s ({kernels}), copy {m['copy_gbps']:.1f} GB/s, read {m['read_gbps']:.1f} GB/s")
     if b and b.get("peak"):
         p = b["peak"]
-        text += (f"; theoretical fp32 peak {p['gflops']:.1f} GFLOP/s ({p['cores']} cores x {p['ghz']:.2f} GHz x "
+        clock = f" ({p['clock_source']})" if "clock_source" in p else ""
+        text += (f"; theoretical fp32 peak {p['gflops']:.1f} GFLOP/s ({p['cores']} cores x {p['ghz']:.2f} GHz{clock} x "
                  f"{p['flops_per_cycle']} FLOP/cycle, {p['isa']}): the GEMM bound is {b['gemm_of_peak']:.2f} of it")
     return text + "."
 
