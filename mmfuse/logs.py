@@ -163,6 +163,7 @@ def follow_vllm_level() -> None:
 # backend, which transformers imports whenever it is installed) notes that its CUDA-only extensions do not load
 # on a CPU build, and torch's pytree deprecates how torchao registers an enum
 IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
+_quieted: set[str] = set()  # the IMPORT_CHATTER loggers whose level mmfuse set, hence may give back
 
 
 def quiet_import_chatter() -> None:
@@ -171,12 +172,12 @@ def quiet_import_chatter() -> None:
     for name in IMPORT_CHATTER:
         logger = logging.getLogger(name)
         if verbose():
-            if getattr(logger, "_mmfuse_quiet", False):
+            if name in _quieted and logger.level == logging.ERROR:  # not changed since by someone else
                 logger.setLevel(logging.NOTSET)
-                logger._mmfuse_quiet = False
+            _quieted.discard(name)
         elif logger.level == logging.NOTSET:
             logger.setLevel(logging.ERROR)
-            logger._mmfuse_quiet = True
+            _quieted.add(name)
 
 
 def level() -> str | None:

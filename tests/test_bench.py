@@ -107,3 +107,27 @@ def test_a_given_clock_replaces_cpuinfos_and_is_named():
     assert cpu_peak(zen4).clock_source == "cpuinfo 'cpu MHz'"
     peak = cpu_peak(zen4, max_mhz=3650.0, clock_source="measured")
     assert (peak.gflops, peak.clock_source) == (pytest.approx(2 * 3.65 * 32), "measured")
+
+
+def test_cpu_seconds_counts_each_process_of_the_tree_by_name():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from mmfuse.bench.sides import cpu_delta, cpu_seconds
+
+    def comm(pid: int) -> str:
+        return open(f"/proc/{pid}/comm").read().strip()
+
+    before = cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.5: pass\ninput()"], stdin=subprocess.PIPE)
+    try:
+        key, deadline = f"{comm(child.pid)} {child.pid}", time.time() + 30
+        while cpu_seconds(child.pid, descendants=False).get(key, 0) < 0.45:
+            assert time.time() < deadline
+        assert cpu_delta(before, cpu_seconds())[key] >= 0.45  # the child's busy half-second, under its own name
+        assert list(cpu_seconds(descendants=False)) == [f"{comm(os.getpid())} {os.getpid()}"]
+    finally:
+        child.communicate(b"\n")

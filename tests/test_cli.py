@@ -264,3 +264,23 @@ def test_verbose_and_log_level_set_library_logging(qwen3_ckpt, monkeypatch, caps
     assert main(["info", str(qwen3_ckpt)]) == 0 and os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
     logs.status("loading checkpoint demo/ckpt (vllm)")
     assert capsys.readouterr().err == "mmfuse: loading checkpoint demo/ckpt (vllm)\n"
+
+
+def test_import_chatter_is_quiet_by_default_given_back_with_verbose_and_a_users_level_is_kept(monkeypatch):
+    from mmfuse import logs
+
+    for key in LOG_ENV:
+        monkeypatch.delenv(key, raising=False)
+    torchao, pytree = logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")
+    levels = (torchao.level, pytree.level)
+    try:
+        torchao.setLevel(logging.NOTSET)
+        pytree.setLevel(logging.WARNING)  # set by someone else: mmfuse leaves it alone
+        logs.configure(None)
+        assert (torchao.level, pytree.level) == (logging.ERROR, logging.WARNING)
+        logs.configure("INFO")
+        assert (torchao.level, pytree.level) == (logging.NOTSET, logging.WARNING)
+    finally:
+        torchao.setLevel(levels[0])
+        pytree.setLevel(levels[1])
+        logs._quieted.clear()

@@ -450,3 +450,15 @@ def test_vllm_server_equals_offline_vllm_pipeline(vllm_pair):
     refs = [greedy(pipe, _local(path, body)) for path, body in bodies]
     result = asyncio.run(run_load(srv.url, KEY, "tiny-qwen3", bodies, refs, clients=8, per_client=4))
     assert result.errors == [] and result.ok == 32
+
+
+def test_max_batch_size_unset_leaves_each_engine_its_own_default_and_is_checked():
+    from mmfuse.config import ConfigError
+    from mmfuse.server.settings import ServerSettings
+
+    # unset: 32 on transformers, vLLM's own max_num_seqs on vLLM (a cap of 32 there split a burst of 64
+    # requests into two waves: BENCHMARKS.md, server section)
+    assert ServerSettings(model="m").max_batch_size is None
+    assert ServerSettings(model="m", max_batch_size=8).max_batch_size == 8
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        ServerSettings(model="m", max_batch_size=0)

@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from .device import add_device_arg
-from .machine import loadavg_text
 from .workload import base_dir, build_checkpoint, long_text, make_items, make_prompts
 
 PROMPT_WORDS = 24
@@ -236,19 +234,15 @@ def plot(r: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     """Run both sides (each in its own process), compare, print a table, write JSON and a plot."""
-    from .sides import bench_finish, bench_start, run_worker
+    from .sides import bench_finish, bench_start, run_sides
 
     cfg = bench_start(argv, parse_args, worker)
     if cfg is None:  # this process was one side's worker
         return None
-    print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers); {loadavg_text()}", flush=True)
-    build_checkpoint(cfg.workdir, cfg.layers)
     result = {"command": "mmfuse bench peer " + " ".join(cfg.argv),
               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
               "loadavg": {"before": os.getloadavg()}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for side in ("mmfuse", "prompt_embeds"):
-            result[side] = run_worker("mmfuse.bench.peer", side, cfg.argv, Path(tmp) / f"{side}.json")
+    result |= run_sides("mmfuse.bench.peer", ["mmfuse", "prompt_embeds"], cfg.argv)
     result["summary"] = summarize(result["mmfuse"], result["prompt_embeds"])
     return bench_finish(result, cfg, plot, table)
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 from pathlib import Path
 
 from .device import add_device_arg
-from .machine import loadavg_text
 from .workload import WORDS, base_dir, build_checkpoint, long_text, make_items
 
 TARGET = 1.5  # warm TTFT / suffix-only TTFT
@@ -136,19 +134,15 @@ def plot(r: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     """Run each side in its own process; print the table, write JSON and a plot."""
-    from .sides import bench_finish, bench_start, run_worker
+    from .sides import bench_finish, bench_start, run_sides
 
     cfg = bench_start(argv, parse_args, worker)
     if cfg is None:  # this process was one side's worker
         return None
-    print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers); {loadavg_text()}", flush=True)
-    build_checkpoint(cfg.workdir, cfg.layers)
     sides = cfg.sides.split(",")
     result = {"command": "mmfuse bench prefix " + " ".join(cfg.argv), "sides": sides, "target": TARGET,
               "loadavg": {"before": os.getloadavg()}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for side in sides:
-            result[side] = run_worker("mmfuse.bench.prefix", side, cfg.argv, Path(tmp) / f"{side}.json")
+    result |= run_sides("mmfuse.bench.prefix", sides, cfg.argv)
     return bench_finish(result, cfg, plot, table)
 
 

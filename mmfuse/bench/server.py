@@ -3,7 +3,8 @@
   wire     decoding one 16 x 1024 float32 base64 item (``server.wire.decode_embedding``), and parsing
            a body holding it (``parse_json``): median and p99 of ``--wire-runs`` (target < 1 ms);
   offline  ``--requests`` requests (base64-free: token ids and arrays) submitted at once to the offline
-           ``VLLMBackend`` in a process of its own: output tok/s, per-request p50/p99 latency, peak RSS;
+           ``VLLMBackend`` in a process of its own, with the server's scheduler limits (``server_scheduler``):
+           output tok/s, per-request p50/p99 latency, peak RSS;
   server   the same requests as ``/v1/completions`` bodies with base64 embeddings, all at once over
            HTTP to ``mmfuse serve --backend vllm`` (same engine settings): the same figures, the ratio
            to offline (targets: throughput >= 0.9 of offline, p50 overhead < 10%), every answer
@@ -93,6 +94,24 @@ def wire(runs: int) -> dict:
 
 # -- the offline engine, in its own process --------------------------------------------------------------------
 
+def server_scheduler() -> dict:
+    """The scheduler limits of ``mmfuse serve``'s engine: vLLM's defaults for a server on this platform.
+
+    vLLM sizes ``max_num_seqs`` and ``max_num_batched_tokens`` by usage context (on CPU: 256 sequences for
+    ``vllm.LLM``, 128 for a server); the offline side gets the server's, so both schedule the same batches.
+    An earlier run compared an offline engine admitting every request with a server capped at 32 sequences:
+    the server's 64 requests ran in two waves of 32 and its p50 fell on the second wave (+93%).
+    """
+    from vllm.config import SchedulerConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    tokens, seqs = EngineArgs.get_batch_defaults(1)
+    ctx = UsageContext.OPENAI_API_SERVER
+    return {"max_num_seqs": seqs.get(ctx, SchedulerConfig.DEFAULT_MAX_NUM_SEQS),
+            "max_num_batched_tokens": tokens.get(ctx, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)}
+
+
 def requests(specs, cfg) -> list:
     return make_prompts(specs, cfg.requests, seed=77, items=2, words=24)
 
@@ -104,25 +123,27 @@ def offline_worker(cfg: argparse.Namespace) -> dict:
 
     from ..backends.vllm import to_completion
     from ..sampling import SamplingConfig
-    from .sides import PluginSide, peak_rss_mb, profiled, time_requests
+    from .sides import PluginSide, cpu_delta, cpu_seconds, peak_rss_mb, profiled, time_requests
 
     ckpt = build_checkpoint(cfg.workdir, cfg.layers)
     # read by offline_engine_core (a user's setting wins over mmfuse's in-process default)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.offline_core == "process" else "0"
-    side = PluginSide(ckpt, ckpt, cfg.dtype, cfg.max_model_len, cfg.kv_cache_gb)
+    scheduler = server_scheduler()
+    side = PluginSide(ckpt, ckpt, cfg.dtype, cfg.max_model_len, cfg.kv_cache_gb, **scheduler)
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0)
     encoded = [side.checkpoint.encode(p) for p in requests(side.checkpoint.specs, cfg)]
     time_requests(side, encoded[:2], params)  # warm-up
     side.llm.reset_prefix_cache()  # the timed run computes everything, as the server's will
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_seconds()
     res = profiled(lambda: time_requests(side, encoded, params), cfg.profile, "server-offline")
     wall = time.perf_counter() - t
+    cpu = cpu_delta(cpu, cpu_seconds())
     texts = [to_completion(SimpleNamespace(token_ids=r["token_ids"], finish_reason=None, logprobs=None),
                            side.checkpoint.tokenizer, SamplingConfig(max_tokens=cfg.max_tokens)).text for r in res]
     rss = peak_rss_mb()
     side.close()
     return summary([r["latency_s"] for r in res], wall, sum(len(r["token_ids"]) for r in res)) | dict(
-        texts=texts, peak_rss_mb=rss)
+        texts=texts, peak_rss_mb=rss, scheduler=scheduler, cpu_s=cpu)
 
 
 def summary(latencies: list[float], wall: float, out_tokens: int | None) -> dict:
@@ -130,7 +151,7 @@ def summary(latencies: list[float], wall: float, out_tokens: int | None) -> dict
     pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))])
     return dict(requests=len(lat), wall_s=wall, requests_per_s=len(lat) / wall, out_tokens=out_tokens,
                 out_tok_s=out_tokens / wall if out_tokens is not None else None, p50_ms=1000 * pct(0.5),
-                p99_ms=1000 * pct(0.99), loadavg=os.getloadavg())
+                p99_ms=1000 * pct(0.99), loadavg=os.getloadavg(), latencies_ms=[1000 * x for x in lat])
 
 
 # -- the server --------------------------------------------------------------------------------------------
@@ -170,7 +191,7 @@ def run_server(cfg, ckpt: Path, expected: list[str], log: Path) -> dict:
 
     from ..checkpoint import open_checkpoint
     from .serve_load import KEY, run_load, start_server
-    from .sides import peak_rss_mb
+    from .sides import cpu_delta, cpu_seconds, peak_rss_mb
 
     items = bodies(open_checkpoint(ckpt).specs, cfg)
     queue = 4 * max(cfg.clients + [cfg.requests])  # never a 429: every request of the run is in flight at once
@@ -179,9 +200,13 @@ def run_server(cfg, ckpt: Path, expected: list[str], log: Path) -> dict:
     try:
         model = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"]
         asyncio.run(_all_at_once(server.url, model, items[:2]))  # warm-up
+        # CPU per process: the engine core, the server's API process, and this client, all on the same cores
+        cpu = {"server": cpu_seconds(server.proc.pid), "client": cpu_seconds(descendants=False)}
         lat, texts, wall, out_tokens = asyncio.run(_all_at_once(server.url, model, items))
+        cpu = cpu_delta(cpu["server"], cpu_seconds(server.proc.pid)) | {
+            f"bench client ({k})": v for k, v in cpu_delta(cpu["client"], cpu_seconds(descendants=False)).items()}
         at_once = summary(lat, wall, out_tokens) | dict(
-            mismatches=sum(a != b for a, b in zip(texts, expected)))
+            mismatches=sum(a != b for a, b in zip(texts, expected)), cpu_s=cpu)
         scaling = []
         for c in cfg.clients:
             per = max(1, cfg.requests // c)
@@ -194,6 +219,11 @@ def run_server(cfg, ckpt: Path, expected: list[str], log: Path) -> dict:
     finally:
         server.stop()
     return dict(at_once=at_once, scaling=scaling, peak_rss_mb=rss)
+
+
+def _cpu_text(x: dict) -> str:
+    busy = sorted(((v, k) for k, v in x["cpu_s"].items() if v >= 0.05), reverse=True)
+    return f"wall {x['wall_s']:.1f} s: " + ", ".join(f"{k} {v:.1f}" for v, k in busy)
 
 
 def table(r: dict) -> str:
@@ -210,6 +240,12 @@ def table(r: dict) -> str:
         lines.append(f"| {name} | {x['out_tok_s']:.1f} | {x['p50_ms']:.0f} | {x['p99_ms']:.0f} | {rss:.0f} | "
                      f"{', '.join(f'{v:.2f}' for v in x['loadavg'])} |")
     sm = r["summary"]
+    if "cpu_s" in o:
+        lines += ["", "CPU seconds used during the run, by process (wall x cores is available): offline "
+                  + _cpu_text(o) + "; server " + _cpu_text(s) + "."]
+    if "scheduler" in o:
+        lines += ["", "Both engines scheduled with " + ", ".join(f"{k}={v}" for k, v in o["scheduler"].items())
+                  + " (vLLM's defaults for a server on this platform)."]
     lines += ["", f"server / offline throughput **{sm['throughput_ratio']:.2f}** (target >= 0.9: "
               f"{'met' if sm['throughput_ratio'] >= 0.9 else 'not met'}); p50 overhead **{100 * sm['p50_overhead']:.0f}%** "
               f"(target < 10%: {'met' if sm['p50_overhead'] < 0.1 else 'not met'}); answers differing from offline: "
@@ -232,11 +268,14 @@ def plot(r: dict, path: Path) -> None:
     o, s = r["offline"], r["server"]["at_once"]
     ax[0].bar(["offline", "server"], [o["out_tok_s"], s["out_tok_s"]], color=["tab:gray", "tab:blue"])
     ax[0].set(ylabel="output tok/s", title=f"{o['requests']} requests at once: {r['summary']['throughput_ratio']:.2f}x")
-    ax[1].bar([0, 1], [o["p50_ms"], s["p50_ms"]], 0.4, label="p50", color="tab:blue")
-    ax[1].bar([0.4, 1.4], [o["p99_ms"], s["p99_ms"]], 0.4, label="p99", color="tab:orange")
-    ax[1].set_xticks([0.2, 1.2], ["offline", "server"])
-    ax[1].set(ylabel="latency ms", title="per-request latency")
-    ax[1].legend()
+    # when each request finished: the schedule (waves show as steps), which p50/p99 alone hide
+    for name, x, color in (("offline", o, "tab:gray"), ("server", s, "tab:blue")):
+        lat = [v / 1000 for v in x["latencies_ms"]]
+        ax[1].step(lat, [(i + 1) / len(lat) for i in range(len(lat))], where="post", color=color,
+                   label=f"{name}: p50 {x['p50_ms'] / 1000:.1f} s, p99 {x['p99_ms'] / 1000:.1f} s")
+    ax[1].axhline(0.5, color="k", lw=0.5, ls=":")
+    ax[1].set(xlabel="seconds from submission", ylabel="fraction of requests finished", title="per-request latency")
+    ax[1].legend(fontsize=8)
     sc = r["server"]["scaling"]
     ax[2].plot([x["clients"] for x in sc], [x["requests_per_s"] for x in sc], "o-", label="req/s")
     ax2 = ax[2].twinx()
@@ -251,19 +290,17 @@ def plot(r: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     """Wire micro-benchmark, offline vs server, scaling over clients; print tables, write JSON and a plot."""
-    from .sides import bench_finish, bench_start, run_worker
+    from .sides import bench_finish, bench_start, run_sides
 
     cfg = bench_start(argv, parse_args, offline_worker)
     if cfg is None:  # this process was the offline side's worker
         return None
-    print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers); {loadavg_text()}", flush=True)
-    ckpt = build_checkpoint(cfg.workdir, cfg.layers)
     result = {"command": "mmfuse bench server " + " ".join(cfg.argv), "targets": TARGETS,
               "offline_core": cfg.offline_core, "loadavg": {"before": os.getloadavg()}, "wire": wire(cfg.wire_runs)}
+    result |= run_sides("mmfuse.bench.server", ["offline"], cfg.argv)
+    print(f"  server ({loadavg_text()}):", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        result["offline"] = run_worker("mmfuse.bench.server", "offline", cfg.argv, Path(tmp) / "offline.json")
-        print(f"  server ({loadavg_text()}):", flush=True)
-        result["server"] = run_server(cfg, ckpt, result["offline"]["texts"], Path(tmp) / "server.log")
+        result["server"] = run_server(cfg, cfg.checkpoint, result["offline"]["texts"], Path(tmp) / "server.log")
     o, s = result["offline"], result["server"]["at_once"]
     result["summary"] = dict(throughput_ratio=s["out_tok_s"] / o["out_tok_s"], p50_overhead=s["p50_ms"] / o["p50_ms"] - 1,
                              p99_overhead=s["p99_ms"] / o["p99_ms"] - 1)

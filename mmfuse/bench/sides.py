@@ -17,6 +17,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,10 +30,12 @@ class PluginSide:
 
     name = "mmfuse"
 
-    def __init__(self, ckpt: Path, base: Path, dtype: str, max_model_len: int, kv_cache_gb: float):
+    def __init__(self, ckpt: Path, base: Path, dtype: str, max_model_len: int, kv_cache_gb: float,
+                 **engine_kwargs):
         from ..backends.vllm import VLLMBackend
 
-        self.backend = VLLMBackend(ckpt, dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb)
+        self.backend = VLLMBackend(ckpt, dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
+                                   **engine_kwargs)
         self.llm = self.backend.llm
         self.checkpoint = self.backend.checkpoint
 
@@ -122,22 +125,44 @@ def time_requests(side, prompts: list[EncodedPrompt], params) -> list[dict]:
     return [out[i] for i in ids]
 
 
+def process_tree(pid: int | None = None) -> list[int]:
+    """A process (default: this one) and its live descendants (Linux ``/proc``; just the process elsewhere)."""
+    out, todo = [], [pid or os.getpid()]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def cpu_seconds(pid: int | None = None, descendants: bool = True) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each process of ``pid``'s tree (or ``pid`` alone), keyed
+    'NAME PID': where the cores went, e.g. a server's API process beside its engine core."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for p in process_tree(pid) if descendants else [pid or os.getpid()]:
+        try:
+            name = Path(f"/proc/{p}/comm").read_text().strip()
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[f"{name} {p}"] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (stat fields 14, 15)
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each process used between two ``cpu_seconds`` readings."""
+    return {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+
+
 def peak_rss_mb(pid: int | None = None) -> float:
     """Peak resident memory (VmHWM) of a process (default: this one) plus all its live descendants, summed, MB:
     an engine core in its own process counts with its caller. Call it before the engine shuts down."""
-    def children(p: int) -> list[int]:
-        out = []
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                out += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-        return out
-
-    total, todo = 0.0, [pid or os.getpid()]
-    while todo:
-        p = todo.pop()
-        todo += children(p)
+    total = 0.0
+    for p in process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -178,10 +203,19 @@ def run_worker(module: str, side: str, argv: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def run_sides(module: str, sides: list[str], argv: list[str]) -> dict[str, dict]:
+    """Each side's worker process in turn (``run_worker``): side -> its result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return {side: run_worker(module, side, argv, Path(tmp) / f"{side}.json") for side in sides}
+
+
 def bench_start(argv: list[str] | None, parse_args, worker):
     """The common start of ``peer``, ``prefix`` and ``server``: parse, check the device, then either run as a
-    side's worker process (its result written to ``--worker-out``; returns None) or return the parent's config."""
+    side's worker process (its result written to ``--worker-out``; returns None) or build the model once, before
+    any side's process starts, and return the parent's config (``cfg.checkpoint``: the model's directory)."""
     from .device import check_device
+    from .machine import loadavg_text
+    from .workload import build_checkpoint
 
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
@@ -192,6 +226,8 @@ def bench_start(argv: list[str] | None, parse_args, worker):
     if cfg.worker:
         cfg.worker_out.write_text(json.dumps(worker(cfg)))
         return None
+    print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers); {loadavg_text()}", flush=True)
+    cfg.checkpoint = build_checkpoint(cfg.workdir, cfg.layers)
     return cfg
 
 

@@ -67,7 +67,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                        help="clip duration, checked before decoding")
     eng = p.add_argument_group("engine")
     eng.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
-                     help="most requests per batch (vLLM: max_num_seqs)")
+                     help="most requests generated together (default: 32 on transformers; vLLM's own "
+                          "max_num_seqs on vLLM, as `vllm serve`)")
     eng.add_argument("--dtype", default=d.dtype)
     eng.add_argument("--device", default=None, help="transformers backend device")
     eng.add_argument("--torch-threads", type=int, default=None, help="transformers backend CPU threads")

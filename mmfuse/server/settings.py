@@ -50,7 +50,9 @@ class ServerSettings:
     allowed_media_domains: tuple[str, ...] = ()
     media_limits: MediaLimits = field(init=False, repr=False)  # the three above, validated once
     # engine
-    max_batch_size: int = 32  # transformers backend: most requests generated as one batch
+    # most requests generated together; None = 32 on transformers, vLLM's own max_num_seqs on vLLM (what
+    # `vllm serve` uses: a lower cap there splits a burst into waves, for no saving in memory)
+    max_batch_size: int | None = None
     dtype: str = "float32"  # fp32 on CPU: bf16 matmuls are far slower there
     device: str | None = None  # transformers backend; None = cuda if available else cpu
     torch_threads: int | None = None  # transformers on CPU; None = torch's default. 1 suits tiny models
@@ -68,7 +70,7 @@ class ServerSettings:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
         positive = ("port", "max_body_bytes", "max_tokens_limit", "default_max_tokens", "max_n", "max_queue",
-                    "max_batch_size", "max_stop_strings", "max_stop_chars", "max_connections")
+                    "max_stop_strings", "max_stop_chars", "max_connections")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -79,7 +81,7 @@ class ServerSettings:
         if self.max_stop_strings > MAX_STOP_STRINGS or self.max_stop_chars > MAX_STOP_CHARS:
             raise ConfigError(f"max_stop_strings/max_stop_chars: at most {MAX_STOP_STRINGS}/{MAX_STOP_CHARS}, got "
                               f"{self.max_stop_strings}/{self.max_stop_chars}")
-        for name in ("max_items_per_modality", "max_prompt_tokens", "max_model_len", "torch_threads"):
+        for name in ("max_items_per_modality", "max_prompt_tokens", "max_model_len", "torch_threads", "max_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1 or unset, got {value}")

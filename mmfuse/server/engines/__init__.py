@@ -54,8 +54,8 @@ def make_engine(settings: ServerSettings, on_batch=None):
             raise ConfigError("quantization_config: a transformers backend option; vLLM runs a quantized "
                               "checkpoint as stored (README: quantized bases)")
         from .vllm import VLLMEngine
-        return VLLMEngine(settings.model, engine_options(settings), adapters=settings.adapters,
-                          max_num_seqs=settings.max_batch_size)
+        seqs = {} if settings.max_batch_size is None else {"max_num_seqs": settings.max_batch_size}
+        return VLLMEngine(settings.model, engine_options(settings), adapters=settings.adapters, **seqs)
     from ...backends.hf import HFBackend
     from .hf import HFEngine
     if settings.torch_threads is not None:
@@ -63,5 +63,4 @@ def make_engine(settings: ServerSettings, on_batch=None):
         torch.set_num_threads(settings.torch_threads)
     backend = HFBackend(settings.model, device=settings.device, dtype=settings.dtype, lora=settings.adapters,
                         quantization_config=settings.quantization_config)
-    return HFEngine(backend,
-                    max_batch_size=settings.max_batch_size, on_batch=on_batch)
+    return HFEngine(backend, max_batch_size=settings.max_batch_size or HFEngine.DEFAULT_BATCH, on_batch=on_batch)

@@ -60,8 +60,9 @@ class HFEngine:
     """``HFBackend`` behind a batching queue (see module docstring)."""
 
     name = "hf"
+    DEFAULT_BATCH = 32
 
-    def __init__(self, backend: HFBackend, max_batch_size: int = 32, on_batch=None):
+    def __init__(self, backend: HFBackend, max_batch_size: int = DEFAULT_BATCH, on_batch=None):
         self.backend = backend
         # the event loop's own copy: a fast tokenizer is not to be shared with the worker thread
         self.tokenizer = copy.deepcopy(backend.tokenizer)

@@ -32,6 +32,7 @@ class VLLMEngine:
                  **engine_kwargs: Any):
         apply_process_defaults(options.world_size)
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.checkpoint = open_checkpoint(model)  # the HF backend's tokenizer: same ids
@@ -42,7 +43,8 @@ class VLLMEngine:
         self.lora_requests = vllm_lora_requests(adapters)  # EncodedPrompt.lora -> vLLM's LoRARequest
         args = AsyncEngineArgs(**engine_args(self.checkpoint, options, disable_log_stats=True,
                                              **vllm_lora_args(adapters, current_platform.is_cpu()), **engine_kwargs))
-        self.engine = AsyncLLM.from_engine_args(args)
+        # vLLM sizes its scheduler (max_num_seqs, max_num_batched_tokens) by usage context: a server's, as `vllm serve`
+        self.engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         self.max_model_len = self.engine.model_config.max_model_len
         self.vocab_size = self.checkpoint.vocab_size
         self.encode = PromptEncoder(self.checkpoint, self.max_model_len - 1)  # room for one new token
