@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if cfg is None:  # this process was one side's worker
         return None
     result = {"command": "mmfuse bench peer " + " ".join(cfg.argv),
-              "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+              "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items() if k != "bounds"},
               "loadavg": {"before": os.getloadavg()}}
-    result |= run_sides("mmfuse.bench.peer", ["mmfuse", "prompt_embeds"], cfg.argv)
+    result |= run_sides("mmfuse.bench.peer", ["mmfuse", "prompt_embeds"], cfg)
     result["summary"] = summarize(result["mmfuse"], result["prompt_embeds"])
     return bench_finish(result, cfg, plot, table)
 

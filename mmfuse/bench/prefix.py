@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     sides = cfg.sides.split(",")
     result = {"command": "mmfuse bench prefix " + " ".join(cfg.argv), "sides": sides, "target": TARGET,
               "loadavg": {"before": os.getloadavg()}}
-    result |= run_sides("mmfuse.bench.prefix", sides, cfg.argv)
+    result |= run_sides("mmfuse.bench.prefix", sides, cfg)
     return bench_finish(result, cfg, plot, table)
 
 

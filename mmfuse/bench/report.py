@@ -88,7 +88,7 @@ def render_any(r: dict) -> str:
         from .server import table
     else:
         return render(r)
-    return table(r)
+    return table(r) + (f"\n\n{r['bounds_text']}" if "bounds_text" in r else "")
 
 
 if __name__ == "__main__":

@@ -297,10 +297,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     result = {"command": "mmfuse bench server " + " ".join(cfg.argv), "targets": TARGETS,
               "offline_core": cfg.offline_core, "loadavg": {"before": os.getloadavg()}, "wire": wire(cfg.wire_runs)}
-    result |= run_sides("mmfuse.bench.server", ["offline"], cfg.argv)
+    result |= run_sides("mmfuse.bench.server", ["offline"], cfg)
     print(f"  server ({loadavg_text()}):", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         result["server"] = run_server(cfg, cfg.checkpoint, result["offline"]["texts"], Path(tmp) / "server.log")
+    cfg.bounds.sample("after server")
     o, s = result["offline"], result["server"]["at_once"]
     result["summary"] = dict(throughput_ratio=s["out_tok_s"] / o["out_tok_s"], p50_overhead=s["p50_ms"] / o["p50_ms"] - 1,
                              p99_overhead=s["p99_ms"] / o["p99_ms"] - 1)

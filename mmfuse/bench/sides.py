@@ -203,18 +203,24 @@ def run_worker(module: str, side: str, argv: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def run_sides(module: str, sides: list[str], argv: list[str]) -> dict[str, dict]:
-    """Each side's worker process in turn (``run_worker``): side -> its result."""
+def run_sides(module: str, sides: list[str], cfg) -> dict[str, dict]:
+    """Each side's worker process in turn (``run_worker``), the machine's bounds sampled after each: side -> its
+    result."""
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        return {side: run_worker(module, side, argv, Path(tmp) / f"{side}.json") for side in sides}
+        for side in sides:
+            out[side] = run_worker(module, side, cfg.argv, Path(tmp) / f"{side}.json")
+            cfg.bounds.sample(f"after {side}")
+    return out
 
 
 def bench_start(argv: list[str] | None, parse_args, worker):
     """The common start of ``peer``, ``prefix`` and ``server``: parse, check the device, then either run as a
     side's worker process (its result written to ``--worker-out``; returns None) or build the model once, before
-    any side's process starts, and return the parent's config (``cfg.checkpoint``: the model's directory)."""
+    any side's process starts, and return the parent's config (``cfg.checkpoint``: the model's directory;
+    ``cfg.bounds``: the machine's bounds, sampled at the start and after each part)."""
     from .device import check_device
-    from .machine import loadavg_text
+    from .machine import Bounds, loadavg_text
     from .workload import build_checkpoint
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -228,15 +234,18 @@ def bench_start(argv: list[str] | None, parse_args, worker):
         return None
     print(f"building/reusing the model in {cfg.workdir} ({cfg.layers} layers); {loadavg_text()}", flush=True)
     cfg.checkpoint = build_checkpoint(cfg.workdir, cfg.layers)
+    cfg.bounds = Bounds(quick=cfg.quick, device=cfg.device)
+    cfg.bounds.sample("start")
     return cfg
 
 
 def bench_finish(result: dict, cfg, plot, table) -> dict:
-    """The common end: the load average after, JSON, plot and table."""
+    """The common end: the load average after, the bounds, JSON, plot and table."""
     result["loadavg"]["after"] = os.getloadavg()
+    result["bounds"], result["bounds_text"] = cfg.bounds.to_dict(), cfg.bounds.text()
     cfg.json.parent.mkdir(parents=True, exist_ok=True)
     cfg.json.write_text(json.dumps(result, indent=1))
     plot(result, cfg.plot)
-    print(table(result), flush=True)
+    print(table(result) + "\n\n" + result["bounds_text"], flush=True)
     print(f"-> {cfg.json}, {cfg.plot}", flush=True)
     return result
