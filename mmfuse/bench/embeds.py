@@ -83,14 +83,17 @@ def server_body_bytes(embeds: torch.Tensor, max_tokens: int) -> int:
     return len(json.dumps(body).encode())
 
 
-def mmfuse_body_bytes(prompt: str, items: dict[str, list], max_tokens: int) -> int:
-    """Bytes of the equivalent mmfuse ``/v1/completions`` body: the text plus base64 float32 items."""
+def completion_body(prompt: str, items: dict[str, list], max_tokens: int) -> dict:
+    """mmfuse's greedy ``/v1/completions`` body for a prompt (no ``model``): the text plus base64 float32 items."""
     from ..client import encode_embedding
 
-    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "multimodal_embeddings": {name: [encode_embedding(x) for x in its]
-                                      for name, its in items.items()}}
-    return len(json.dumps(body).encode())
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "multimodal_embeddings": {name: [encode_embedding(x) for x in its] for name, its in items.items()}}
+
+
+def mmfuse_body_bytes(prompt: str, items: dict[str, list], max_tokens: int) -> int:
+    """Bytes of the equivalent mmfuse ``/v1/completions`` body."""
+    return len(json.dumps({"model": "m"} | completion_body(prompt, items, max_tokens)).encode())
 
 
 def mmfuse_item_bytes(encoded: EncodedPrompt) -> int:

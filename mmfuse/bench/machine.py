@@ -258,16 +258,23 @@ class Bounds:
                 "gemm_of_peak": best.gemm_gflops / self.peak.gflops if self.peak and self.peak.gflops else None}
 
     def text(self) -> str:
-        """One paragraph for a report: the bounds, the peak beside them, and how many samples."""
-        best = self.best
-        kernels = ", ".join(f"{k} {v:.1f}" for k, v in best.gemm_by_kernel.items())
-        out = (f"Bounds (max of {len(self.samples)} samples in this run): fp32 GEMM {best.gemm_gflops:.1f} GFLOP/s "
-               f"({kernels}), copy {best.copy_gbps:.1f} GB/s, read {best.read_gbps:.1f} GB/s")
-        if self.peak:
-            out += (f"; theoretical fp32 peak {self.peak.gflops:.1f} GFLOP/s ({self.peak.cores} cores x "
-                    f"{self.peak.ghz:.2f} GHz ({self.peak.clock_source}) x {self.peak.flops_per_cycle} FLOP/cycle, "
-                    f"{self.peak.isa})")
-        return out + "."
+        """One paragraph for a report (``bounds_text``)."""
+        return bounds_text(self.to_dict())
+
+
+def bounds_text(b: dict) -> str:
+    """The bounds paragraph from ``Bounds.to_dict()`` (as stored in a result JSON): every kernel's best GEMM,
+    the bandwidths, how many samples, and the theoretical peak beside them."""
+    m = b["best"]
+    kernels = ", ".join(f"{k} {v:.1f}" for k, v in m.get("gemm_by_kernel", {}).items()) or "torch.mm"
+    text = (f"Bounds (max of {len(b['samples'])} samples in this run): fp32 GEMM {m['gemm_gflops']:.1f} GFLOP/s "
+            f"({kernels}), copy {m['copy_gbps']:.1f} GB/s, read {m['read_gbps']:.1f} GB/s")
+    if b.get("peak"):
+        p = b["peak"]
+        clock = f" ({p['clock_source']})" if "clock_source" in p else ""
+        text += (f"; theoretical fp32 peak {p['gflops']:.1f} GFLOP/s ({p['cores']} cores x {p['ghz']:.2f} GHz{clock} "
+                 f"x {p['flops_per_cycle']} FLOP/cycle, {p['isa']}): the GEMM bound is {b['gemm_of_peak']:.2f} of it")
+    return text + "."
 
 
 def fraction(value: float, bound: float) -> dict:

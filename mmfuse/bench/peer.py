@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .device import add_device_arg
+from .sides import add_side_args, parse_with_quick_defaults, subplots
 from .workload import base_dir, build_checkpoint, long_text, make_items, make_prompts
 
 PROMPT_WORDS = 24
@@ -47,23 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ttft-runs", type=int, default=None, help="single requests for TTFT (default 8, --quick 2)")
     ap.add_argument("--doc-words", type=int, default=None, help="document length for the cache part "
                     "(default 1200 words, --quick 300)")
-    ap.add_argument("--kv-cache-gb", type=float, default=1.0)
-    ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("MMFUSE_BENCH_DIR", "/tmp/mmfuse-bench")))
-    ap.add_argument("--json", type=Path, default=Path("docs/bench_peer.json"))
-    ap.add_argument("--plot", type=Path, default=Path("docs/bench_peer.png"))
-    ap.add_argument("--profile", type=Path, default=None,
-                    help="write a cProfile of each engine process here (DIR/NAME-SIDE.prof and .txt): where the time goes")
-    add_device_arg(ap)
-    ap.add_argument("--worker", choices=["mmfuse", "prompt_embeds"], help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    q = args.quick
-    for name, full, quick in (("layers", 28, 2), ("batch", 32, 4), ("out_tokens", 32, 8), ("repeats", 3, 1),
-                              ("ttft_runs", 8, 2), ("doc_words", 1200, 300)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if q else full)
-    return args
+    add_side_args(ap, "peer", ["mmfuse", "prompt_embeds"], max_model_len=2048)
+    return parse_with_quick_defaults(ap, argv, (("layers", 28, 2), ("batch", 32, 4), ("out_tokens", 32, 8),
+                                                ("repeats", 3, 1), ("ttft_runs", 8, 2), ("doc_words", 1200, 300)))
 
 
 # -- one side, in its own process ---------------------------------------------------------------------------
@@ -201,13 +187,9 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(r: dict):
     sides, colors = ("mmfuse", "prompt_embeds"), ["tab:blue", "tab:gray"]
-    fig, ax = plt.subplots(1, 4, figsize=(17, 4))
+    fig, ax = subplots(1, 4, figsize=(17, 4))
     ax[0].bar(sides, [r[s]["throughput"]["out_tok_s"] for s in sides], color=colors)
     ax[0].set(ylabel="output tok/s", title=f"throughput, batch {r['config']['batch']}")
     ax[1].bar(sides, [1000 * r[s]["ttft"]["median_s"] for s in sides], color=colors)
@@ -226,10 +208,7 @@ def plot(r: dict, path: Path) -> None:
     ax[3].set_xticks([0.2, 1.2, 2.2], ["cold", "same vectors", "different vectors"])
     ax[3].set(ylabel="TTFT ms", title=f"repeated document ({r['mmfuse']['cache']['prompt_tokens']} tokens)")
     ax[3].legend()
-    fig.suptitle(f"{r['command']}   (load average {', '.join(f'{x:.2f}' for x in r['loadavg']['after'])})", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict | None:

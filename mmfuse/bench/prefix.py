@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from pathlib import Path
 
-from .device import add_device_arg
+from .sides import add_side_args, parse_with_quick_defaults, subplots
 from .workload import WORDS, base_dir, build_checkpoint, long_text, make_items
 
 TARGET = 1.5  # warm TTFT / suffix-only TTFT
@@ -33,21 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--doc-words", type=int, default=None, help="document length (default 1200 words, --quick 300)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds, fresh items each (default 5, --quick 2)")
     ap.add_argument("--sides", default="mmfuse,prompt_embeds", help="which sides to run (comma list)")
-    ap.add_argument("--kv-cache-gb", type=float, default=1.0)
-    ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("MMFUSE_BENCH_DIR", "/tmp/mmfuse-bench")))
-    ap.add_argument("--json", type=Path, default=Path("docs/bench_prefix.json"))
-    ap.add_argument("--plot", type=Path, default=Path("docs/bench_prefix.png"))
-    ap.add_argument("--profile", type=Path, default=None,
-                    help="write a cProfile of each engine process here (DIR/NAME-SIDE.prof and .txt): where the time goes")
-    add_device_arg(ap)
-    ap.add_argument("--worker", choices=["mmfuse", "prompt_embeds"], help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    for name, full, quick in (("layers", 28, 2), ("doc_words", 1200, 300), ("rounds", 5, 2)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    return args
+    add_side_args(ap, "prefix", ["mmfuse", "prompt_embeds"], max_model_len=2048)
+    return parse_with_quick_defaults(ap, argv, (("layers", 28, 2), ("doc_words", 1200, 300), ("rounds", 5, 2)))
 
 
 def question(seed: int) -> str:
@@ -114,22 +100,16 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+def plot(r: dict):
+    fig, ax = subplots(figsize=(7, 4))
     kinds = (("cold_s", "cold"), ("warm_s", "warm"), ("suffix_s", "suffix only"))
     for k, side in enumerate(r["sides"]):
         ax.bar([i + 0.4 * k for i in range(3)], [1000 * r[side]["median"][key] for key, _ in kinds], 0.4, label=side)
     ax.set_xticks([0.2, 1.2, 2.2], [label for _, label in kinds])
-    ax.set(ylabel="TTFT ms (median)", title=f"shared prefix with items ({r[r['sides'][0]]['rounds'][0]['prompt_tokens']} "
-           f"tokens); load {', '.join(f'{x:.2f}' for x in r['loadavg']['after'])}")
+    ax.set(ylabel="TTFT ms (median)",
+           title=f"shared prefix with items ({r[r['sides'][0]]['rounds'][0]['prompt_tokens']} tokens)")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -6,25 +6,17 @@ import json
 import sys
 from pathlib import Path
 
+from .machine import bounds_text
+
 
 def _load(pair: dict) -> str:
     return (f"load average {', '.join(f'{x:.1f}' for x in pair['before'])} before, "
             f"{', '.join(f'{x:.1f}' for x in pair['after'])} after")
 
 
-def bounds_text(r: dict) -> str:
-    """The bounds paragraph: every kernel's best GEMM, bandwidths, the theoretical peak beside them."""
-    b = r.get("bounds")
-    m = r["machine"]
-    kernels = ", ".join(f"{k} {v:.1f}" for k, v in m.get("gemm_by_kernel", {}).items()) or "torch.mm"
-    text = (f"Bounds ({len(b['samples']) if b else 1} samples in the run, maximum kept): fp32 GEMM "
-            f"{m['gemm_gflops']:.1f} GFLOP/s ({kernels}), copy {m['copy_gbps']:.1f} GB/s, read {m['read_gbps']:.1f} GB/s")
-    if b and b.get("peak"):
-        p = b["peak"]
-        clock = f" ({p['clock_source']})" if "clock_source" in p else ""
-        text += (f"; theoretical fp32 peak {p['gflops']:.1f} GFLOP/s ({p['cores']} cores x {p['ghz']:.2f} GHz{clock} x "
-                 f"{p['flops_per_cycle']} FLOP/cycle, {p['isa']}): the GEMM bound is {b['gemm_of_peak']:.2f} of it")
-    return text + "."
+def run_bounds_text(r: dict) -> str:
+    """The bounds paragraph of a result; JSONs from before ``Bounds`` hold one ``machine`` sample and no peak."""
+    return bounds_text(r.get("bounds") or {"best": r["machine"], "samples": [r["machine"]]})
 
 
 def _frac(value: float, error: bool | None) -> str:
@@ -34,7 +26,7 @@ def _frac(value: float, error: bool | None) -> str:
 def render(r: dict) -> str:
     m, fr = r["machine"], r["fractions"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {r['torch']} ({m['threads']} threads). "
-             f"{bounds_text(r)} Load average before/after: "
+             f"{run_bounds_text(r)} Load average before/after: "
              f"{', '.join(f'{x:.1f}' for x in r['loadavg']['before'])} / "
              f"{', '.join(f'{x:.1f}' for x in r['loadavg']['after'])}. Wall time {r['wall_s'] / 60:.1f} min."]
     if "probes" in r["hf"]:
@@ -88,7 +80,7 @@ def render_any(r: dict) -> str:
         from .server import table
     else:
         return render(r)
-    return table(r) + (f"\n\n{r['bounds_text']}" if "bounds_text" in r else "")
+    return table(r) + (f"\n\n{bounds_text(r['bounds'])}" if "bounds" in r else "")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .device import add_device_arg
+from .sides import add_side_args, parse_with_quick_defaults, subplots
 from .machine import loadavg_text
 from .workload import build_checkpoint, make_prompts
 
@@ -45,22 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--offline-core", choices=["inprocess", "process"], default="inprocess",
                     help="where the offline backend's engine core runs: in the caller's process (mmfuse's CPU "
                          "default) or in its own, as the server's does (vLLM's default)")
-    ap.add_argument("--kv-cache-gb", type=float, default=1.0)
-    ap.add_argument("--max-model-len", type=int, default=1024)
-    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("MMFUSE_BENCH_DIR", "/tmp/mmfuse-bench")))
-    ap.add_argument("--json", type=Path, default=Path("docs/bench_server.json"))
-    ap.add_argument("--plot", type=Path, default=Path("docs/bench_server.png"))
-    ap.add_argument("--profile", type=Path, default=None,
-                    help="write a cProfile of each engine process here (DIR/NAME-SIDE.prof and .txt): where the time goes")
-    add_device_arg(ap)
-    ap.add_argument("--worker", choices=["offline"], help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    q = args.quick
-    for name, full, quick in (("layers", 28, 2), ("requests", 64, 16), ("max_tokens", 32, 8),
-                              ("clients", "1,4,16,64", "1,4,16")):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if q else full)
+    add_side_args(ap, "server", ["offline"], max_model_len=1024)
+    args = parse_with_quick_defaults(ap, argv, (("layers", 28, 2), ("requests", 64, 16), ("max_tokens", 32, 8),
+                                                ("clients", "1,4,16,64", "1,4,16")))
     args.clients = [int(c) for c in str(args.clients).split(",")]
     return args
 
@@ -158,12 +145,9 @@ def summary(latencies: list[float], wall: float, out_tokens: int | None) -> dict
 
 def bodies(specs, cfg) -> list[tuple[str, dict]]:
     """The offline requests as ``/v1/completions`` bodies: the same text, items as base64 float32."""
-    from ..client import encode_embedding
+    from .embeds import completion_body
 
-    return [("/v1/completions", {"prompt": p.text, "max_tokens": cfg.max_tokens, "temperature": 0,
-                                 "multimodal_embeddings": {n: [encode_embedding(np.asarray(x)) for x in its]
-                                                           for n, its in p.items.items()}})
-            for p in requests(specs, cfg)]
+    return [("/v1/completions", completion_body(p.text, p.items, cfg.max_tokens)) for p in requests(specs, cfg)]
 
 
 async def _all_at_once(url: str, model: str, items: list[tuple[str, dict]]) -> tuple[list, list, float, int]:
@@ -259,12 +243,8 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+def plot(r: dict):
+    fig, ax = subplots(1, 3, figsize=(15, 4))
     o, s = r["offline"], r["server"]["at_once"]
     ax[0].bar(["offline", "server"], [o["out_tok_s"], s["out_tok_s"]], color=["tab:gray", "tab:blue"])
     ax[0].set(ylabel="output tok/s", title=f"{o['requests']} requests at once: {r['summary']['throughput_ratio']:.2f}x")
@@ -282,10 +262,7 @@ def plot(r: dict, path: Path) -> None:
     ax2.plot([x["clients"] for x in sc], [x["latency_p99_ms"] for x in sc], "s--", color="tab:orange", label="p99 ms")
     ax[2].set(xscale="log", xlabel="concurrent clients", ylabel="requests/s", title="scaling")
     ax2.set_ylabel("p99 ms")
-    fig.suptitle(f"{r['command']}   (load average {', '.join(f'{x:.2f}' for x in r['loadavg']['after'])})", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict | None:

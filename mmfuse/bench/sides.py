@@ -12,12 +12,14 @@ with the other's, and each process's peak RSS is the side's.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -195,6 +197,33 @@ def profiled(fn, profile_dir: Path | None, name: str):
         path.with_suffix(".txt").write_text(text.getvalue())
 
 
+def add_side_args(ap: argparse.ArgumentParser, name: str, workers: list[str], max_model_len: int) -> None:
+    """The arguments ``peer``, ``prefix`` and ``server`` share: engine size, where results go (``docs/bench_NAME``),
+    profiling, device, and the hidden ``--worker`` flags ``run_worker`` passes to each side's process."""
+    from .device import add_device_arg
+
+    ap.add_argument("--kv-cache-gb", type=float, default=1.0)
+    ap.add_argument("--max-model-len", type=int, default=max_model_len)
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("MMFUSE_BENCH_DIR", "/tmp/mmfuse-bench")))
+    ap.add_argument("--json", type=Path, default=Path(f"docs/bench_{name}.json"))
+    ap.add_argument("--plot", type=Path, default=Path(f"docs/bench_{name}.png"))
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="write a cProfile of each engine process here (DIR/NAME-SIDE.prof and .txt): where the time goes")
+    add_device_arg(ap)
+    ap.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+
+
+def parse_with_quick_defaults(ap: argparse.ArgumentParser, argv: list[str] | None,
+                              defaults: tuple[tuple[str, object, object], ...]) -> argparse.Namespace:
+    """Parse; each (name, full, quick) left unset gets its full-run or ``--quick`` value."""
+    args = ap.parse_args(argv)
+    for name, full, quick in defaults:
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args
+
+
 def run_worker(module: str, side: str, argv: list[str], out: Path) -> dict:
     """``python -m MODULE ARGV --worker SIDE --worker-out OUT`` in a fresh process; its JSON result."""
     cmd = [sys.executable, "-m", module, *argv, "--worker", side, "--worker-out", str(out)]
@@ -239,13 +268,28 @@ def bench_start(argv: list[str] | None, parse_args, worker):
     return cfg
 
 
+def subplots(*args, **kwargs):
+    """matplotlib's ``subplots`` on its file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
 def bench_finish(result: dict, cfg, plot, table) -> dict:
-    """The common end: the load average after, the bounds, JSON, plot and table."""
+    """The common end: the load average after, the bounds, JSON, the figure ``plot(result)`` draws (titled with
+    the command and load average) and the table."""
     result["loadavg"]["after"] = os.getloadavg()
-    result["bounds"], result["bounds_text"] = cfg.bounds.to_dict(), cfg.bounds.text()
-    cfg.json.parent.mkdir(parents=True, exist_ok=True)
+    result["bounds"] = cfg.bounds.to_dict()
+    for path in (cfg.json, cfg.plot):
+        path.parent.mkdir(parents=True, exist_ok=True)
     cfg.json.write_text(json.dumps(result, indent=1))
-    plot(result, cfg.plot)
-    print(table(result) + "\n\n" + result["bounds_text"], flush=True)
+    fig = plot(result)
+    title = f"{result['command']}   (load average {', '.join(f'{x:.2f}' for x in result['loadavg']['after'])})"
+    fig.suptitle(textwrap.fill(title, int(14 * fig.get_figwidth())), fontsize=9)  # ~14 characters per inch at 9 pt
+    fig.tight_layout()
+    fig.savefig(cfg.plot, dpi=110)
+    print(table(result) + "\n\n" + cfg.bounds.text(), flush=True)
     print(f"-> {cfg.json}, {cfg.plot}", flush=True)
     return result
